@@ -1,0 +1,91 @@
+"""yacs config keys of Detectron2-PKD (``MODEL.DISTILL.*``, ``MODEL.FCOS.*``) and the config node
+that resolves a teacher config path relative to the file that names it."""
+import os
+
+from detectron2.config import CfgNode as _D2CfgNode
+from detectron2.config import get_cfg
+
+__all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "DistillCfgNode"]
+
+
+def add_distill_config(cfg: _D2CfgNode) -> None:
+    """Adds the ``MODEL.DISTILL`` keys (METHODS.md defaults) to a Detectron2 config, in place."""
+    _C = cfg
+    _C.MODEL.DISTILL = _D2CfgNode()
+    # Meta-architecture of the student, built from this same config (its _BASE_ applies as usual).
+    _C.MODEL.DISTILL.STUDENT_ARCH = "RetinaNet"
+    # Which losses to apply (names in pkd.losses.DISTILL_LOSS_REGISTRY), e.g. ["PKD"], ["RM", "PFI"].
+    _C.MODEL.DISTILL.LOSSES = ["PKD"]
+    # [[student_level, teacher_level], ...]; empty: pair the first NUM_LEVELS levels by index.
+    _C.MODEL.DISTILL.FEATURE_PAIRS = []
+    # With pairing by index: how many leading (finest) levels of each FPN to pair.
+    _C.MODEL.DISTILL.NUM_LEVELS = 4
+    # Initialise the student's FPN and head from the teacher checkpoint where names/shapes match.
+    _C.MODEL.DISTILL.INHERIT = False
+
+    _C.MODEL.DISTILL.TEACHER = _D2CfgNode()
+    # Teacher config: .yaml or LazyConfig .py; relative paths resolve against the config file that
+    # names them (like _BASE_), then the working directory; model-zoo names are accepted too.
+    _C.MODEL.DISTILL.TEACHER.CONFIG = ""
+    # Teacher checkpoint (a path or URL). "random" keeps random weights: for tests only.
+    _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    # Overrides for the teacher config: ["KEY", "VALUE", ...] (yacs) or ["key=value", ...].
+    _C.MODEL.DISTILL.TEACHER.OPTS = []
+
+    # PKD: Pearson correlation feature imitation.
+    _C.MODEL.DISTILL.PKD = _D2CfgNode()
+    # Loss weight (6 for R-CNN students and Swin->RetinaNet, 10 for other one-stage pairs).
+    _C.MODEL.DISTILL.PKD.WEIGHT = 6.0
+    # On a spatial-size mismatch: True resizes the student to the teacher, False the reverse.
+    _C.MODEL.DISTILL.PKD.RESIZE_STUDENT = True
+
+
+def add_fcos_config(cfg: _D2CfgNode) -> None:
+    """Adds ``MODEL.FCOS`` keys so that FCOS (LazyConfig-only in Detectron2) builds from yacs."""
+    _C = cfg
+    _C.MODEL.FCOS = _D2CfgNode()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    # Backbone levels fed to the head, finest first.
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    # Norm of the head towers ("GN" as in the paper; "" for none).
+    _C.MODEL.FCOS.HEAD_NORM = "GN"
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+
+
+_TEACHER_CONFIG_KEYS = ("MODEL", "DISTILL", "TEACHER", "CONFIG")
+
+
+class DistillCfgNode(_D2CfgNode):
+    """Detectron2's CfgNode, plus: a relative ``MODEL.DISTILL.TEACHER.CONFIG`` is resolved against
+    the directory of the yaml file that sets it, the way ``_BASE_`` is."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        loaded = super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        node = loaded
+        for key in _TEACHER_CONFIG_KEYS[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            value = node.get(_TEACHER_CONFIG_KEYS[-1])
+            # Bases were resolved (made absolute) when they were loaded, so a relative path left
+            # here was written in this very file.
+            if value and not os.path.isabs(value) and "://" not in value:
+                candidate = os.path.join(os.path.dirname(filename), value)
+                if os.path.exists(candidate):
+                    node[_TEACHER_CONFIG_KEYS[-1]] = os.path.abspath(candidate)
+        return loaded
+
+
+def get_distill_cfg() -> DistillCfgNode:
+    """Detectron2's default config with the distillation and FCOS keys added."""
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    add_fcos_config(cfg)
+    return DistillCfgNode(cfg)

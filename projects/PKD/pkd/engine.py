@@ -1,0 +1,232 @@
+"""Training and evaluation entry points for yacs (``.yaml``) and LazyConfig (``.py``) configs.
+
+``tools/train_net.py`` is a thin wrapper around :func:`main`; everything a test needs lives here.
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Dict
+
+import torch
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    create_ddp_model,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
+
+from .config import get_distill_cfg
+from .data import register_demo_datasets
+from .meta_arch import DistillMetaArch, student_config
+
+__all__ = [
+    "Trainer",
+    "setup",
+    "main",
+    "build_checkpointer",
+    "build_student_for_eval",
+    "ddp_kwargs",
+    "is_lazy_config",
+]
+
+logger = logging.getLogger("detectron2")
+
+
+def is_lazy_config(path: str) -> bool:
+    return path.endswith(".py")
+
+
+def ddp_kwargs(device: str, **kwargs) -> Dict:
+    """DDP arguments that also work on CPU (gloo): no ``device_ids`` there."""
+    if torch.device(device).type == "cpu":
+        kwargs["device_ids"] = None
+    return kwargs
+
+
+def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables):
+    """A DetectionCheckpointer whose ``"model"`` entry is the *student* (plain Detectron2 key
+    names, loads into the student's own config); trainable distillation modules are saved apart
+    under ``"distill_losses"``; the teacher is never saved."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, DistillMetaArch):
+        checkpointables["distill_losses"] = model.distill_losses
+        model = model.student
+    return DetectionCheckpointer(model, save_dir, **checkpointables)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for distillation: student-only checkpoints, DDP that also runs on CPU
+    (gloo), and COCO evaluation."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, **ddp_kwargs(cfg.MODEL.DEVICE, broadcast_buffers=False))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = build_checkpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def build_student_for_eval(cfg) -> nn.Module:
+    """The model ``--eval-only`` evaluates: the student alone (the teacher is neither built nor
+    loaded). ``cfg`` is a yacs CfgNode or a LazyConfig."""
+    if isinstance(cfg, dict) and "model" in cfg:  # LazyConfig
+        model_cfg = cfg.model
+        target = model_cfg._target_
+        if isinstance(target, str):
+            target = locate(target)
+        if target is DistillMetaArch:
+            model_cfg = model_cfg.student
+        model = instantiate(model_cfg)
+        return model.to(cfg.train.device)
+    if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+        cfg = student_config(cfg)
+    return build_model(cfg)
+
+
+def _register_builtin_datasets(names) -> None:
+    from .data import DEMO_TRAIN, DEMO_VAL
+
+    if any(n in (DEMO_TRAIN, DEMO_VAL) for n in names):
+        register_demo_datasets()
+
+
+def setup(args):
+    """Loads the config (yacs or LazyConfig), applies the trailing overrides and runs
+    Detectron2's ``default_setup`` (logging, output dir, seed)."""
+    if is_lazy_config(args.config_file):
+        cfg = LazyConfig.load(args.config_file)
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
+        names = _lazy_dataset_names(cfg)
+    else:
+        cfg = get_distill_cfg()
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        cfg.freeze()
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    default_setup(cfg, args)
+    _register_builtin_datasets(names)
+    return cfg
+
+
+def _lazy_dataset_names(cfg):
+    names = []
+    for split in ("train", "test"):
+        try:
+            value = cfg.dataloader[split].dataset.names
+        except (AttributeError, KeyError):
+            continue
+        names += [value] if isinstance(value, str) else list(value)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# LazyConfig training loop (Detectron2's tools/lazyconfig_train_net.py, with our checkpointer and
+# CPU-capable DDP).
+
+
+def lazy_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def lazy_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **ddp_kwargs(cfg.train.device, **cfg.train.ddp))
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+        model, train_loader, optimizer
+    )
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    last_results = {}
+
+    def test_and_keep_results():
+        last_results.update(lazy_test(cfg, model))
+        return last_results
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)  # evaluates at the end (EvalHook)
+    return last_results
+
+
+def main(args) -> Dict:
+    """Train or evaluate, for either config kind. Returns evaluation results."""
+    cfg = setup(args)
+    lazy = is_lazy_config(args.config_file)
+    if args.eval_only:
+        model = build_student_for_eval(cfg)
+        weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
+        DetectionCheckpointer(model, save_dir=_output_dir(cfg, lazy)).resume_or_load(
+            weights, resume=args.resume
+        )
+        return lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)
+    if lazy:
+        return lazy_train(args, cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()  # evaluates at the end (EvalHook)
+    return getattr(trainer, "_last_eval_results", OrderedDict())
+
+
+def _output_dir(cfg, lazy: bool) -> str:
+    return cfg.train.output_dir if lazy else cfg.OUTPUT_DIR

@@ -1,0 +1,62 @@
+"""What every distillation loss receives, the loss registry, and the spatial alignment rule."""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from torch import Tensor
+from torch.nn import functional as F
+
+from detectron2.structures import Instances
+from detectron2.utils.registry import Registry
+
+__all__ = ["DISTILL_LOSS_REGISTRY", "DistillInputs", "align_spatial"]
+
+DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
+DISTILL_LOSS_REGISTRY.__doc__ = """
+Distillation losses. A registered class is an ``nn.Module`` built with
+``cls(cfg, feature_pairs=..., student_shapes=..., teacher_shapes=...)`` (``@configurable``, so it
+also builds from keyword arguments in LazyConfig). Its ``forward(inputs: DistillInputs)`` returns
+``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attribute
+``needs_predictions = True`` asks DistillMetaArch for the dense head outputs of both models.
+"""
+
+
+@dataclass
+class DistillInputs:
+    """One training step's material, shared by all configured losses.
+
+    Attributes:
+        levels: the paired student level names, e.g. ["p3", "p4", "p5", "p6"].
+        student_features: per pair, (N, Cs, Hs, Ws) maps of the student (with grad).
+        teacher_features: per pair, (N, Ct, Ht, Wt) maps of the teacher (no grad).
+        gt_instances: per image, ground truth (``gt_boxes`` XYXY in input pixels, ``gt_classes``).
+        image_size: (H, W) of the padded input batch.
+        predictions: lazily computed dense-head material for prediction-guided losses; see
+            DistillMetaArch. None unless a configured loss sets ``needs_predictions``.
+    """
+
+    levels: List[str]
+    student_features: List[Tensor]
+    teacher_features: List[Tensor]
+    gt_instances: List[Instances]
+    image_size: Tuple[int, int]
+    predictions: Optional[Dict[str, object]] = None
+    extras: Dict[str, object] = field(default_factory=dict)
+
+
+def align_spatial(student: Tensor, teacher: Tensor, resize_student: bool = True):
+    """Brings two maps of one pair to a common (H, W) by bilinear resizing (align_corners=False).
+
+    Args:
+        student: (N, C, Hs, Ws); teacher: (N, C', Ht, Wt).
+        resize_student: resize the student to the teacher's size (True) or the reverse.
+
+    Returns:
+        (student, teacher), same spatial size.
+    """
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if resize_student:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    else:
+        teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+    return student, teacher

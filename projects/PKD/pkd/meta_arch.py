@@ -1,0 +1,218 @@
+"""DistillMetaArch: a stock Detectron2 student trained with its own losses plus distillation
+losses against a frozen teacher's features."""
+import logging
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils.events import get_event_storage
+
+from .losses import DistillInputs, build_distill_losses, channel_pearson
+from .students import check_student, run_student
+from .teacher import FrozenTeacher, load_teacher
+
+__all__ = ["DistillMetaArch", "resolve_feature_pairs", "student_config"]
+
+logger = logging.getLogger(__name__)
+
+FeaturePairs = List[Tuple[str, str]]
+
+
+def _levels_by_stride(shapes: Mapping[str, ShapeSpec]) -> List[str]:
+    return sorted(shapes, key=lambda k: shapes[k].stride)
+
+
+def resolve_feature_pairs(
+    student_shapes: Mapping[str, ShapeSpec],
+    teacher_shapes: Mapping[str, ShapeSpec],
+    feature_pairs: Optional[Sequence[Sequence[str]]] = None,
+    num_levels: int = 4,
+) -> FeaturePairs:
+    """Returns validated ``[(student_level, teacher_level), ...]``.
+
+    Args:
+        student_shapes, teacher_shapes: ``backbone.output_shape()`` of each model.
+        feature_pairs: explicit pairs; empty/None pairs the first ``num_levels`` levels of each
+            model by index, finest first (RetinaNet p3..p6 with Mask R-CNN p2..p5).
+    """
+    if feature_pairs:
+        pairs = []
+        for pair in feature_pairs:
+            if len(pair) != 2:
+                raise ValueError(
+                    f"MODEL.DISTILL.FEATURE_PAIRS item {pair} must be [student_level, teacher_level]."
+                )
+            pairs.append((str(pair[0]), str(pair[1])))
+    else:
+        student_levels = _levels_by_stride(student_shapes)[:num_levels]
+        teacher_levels = _levels_by_stride(teacher_shapes)[:num_levels]
+        if len(student_levels) < num_levels or len(teacher_levels) < num_levels:
+            raise ValueError(
+                f"MODEL.DISTILL.NUM_LEVELS={num_levels} but the student has levels "
+                f"{_levels_by_stride(student_shapes)} and the teacher "
+                f"{_levels_by_stride(teacher_shapes)}: lower NUM_LEVELS or list FEATURE_PAIRS."
+            )
+        pairs = list(zip(student_levels, teacher_levels))
+    for s, t in pairs:
+        if s not in student_shapes or t not in teacher_shapes:
+            raise ValueError(
+                f"Feature pair ({s}, {t}) names a level that does not exist: student levels are "
+                f"{_levels_by_stride(student_shapes)}, teacher levels "
+                f"{_levels_by_stride(teacher_shapes)}. Fix MODEL.DISTILL.FEATURE_PAIRS."
+            )
+    return pairs
+
+
+def student_config(cfg):
+    """The student's own config: the distillation config with META_ARCHITECTURE set to
+    ``MODEL.DISTILL.STUDENT_ARCH`` (so every model-zoo ``_BASE_`` applies to the student)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.DISTILL.STUDENT_ARCH
+    if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+        raise ValueError("MODEL.DISTILL.STUDENT_ARCH cannot be DistillMetaArch.")
+    return cfg
+
+
+@META_ARCH_REGISTRY.register()
+class DistillMetaArch(nn.Module):
+    """Trains ``student`` (unmodified Detectron2 model) with its own losses plus distillation
+    losses against ``teacher`` (frozen). Inference is exactly the student's forward.
+
+    Training returns the student's loss dict plus one ``loss_<method>_<student_level>`` entry per
+    distillation term, and logs ``kd/pcc_<student_level>`` (mean channel Pearson correlation) to the
+    event storage.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: FrozenTeacher,
+        losses: Mapping[str, nn.Module],
+        feature_pairs: Optional[Sequence[Sequence[str]]] = None,
+        num_levels: int = 4,
+        student_input_format: str = "BGR",
+    ):
+        """
+        Args:
+            student: a RetinaNet, FCOS (any DenseDetector) or GeneralizedRCNN.
+            teacher: the frozen teacher.
+            losses: {name: loss module}, see :data:`pkd.losses.DISTILL_LOSS_REGISTRY`.
+            feature_pairs: [(student_level, teacher_level), ...]; None/empty: by index.
+            num_levels: with pairing by index, how many leading levels.
+            student_input_format: the student's INPUT.FORMAT ("BGR"/"RGB").
+        """
+        super().__init__()
+        check_student(student)
+        if not isinstance(teacher, FrozenTeacher):
+            raise TypeError(f"teacher must be a pkd.teacher.FrozenTeacher, got {type(teacher)}.")
+        if not losses:
+            raise ValueError("No distillation loss configured (MODEL.DISTILL.LOSSES is empty).")
+        self.student = student
+        self.teacher = teacher
+        self.distill_losses = nn.ModuleDict(dict(losses))
+        self.student_input_format = student_input_format
+        student_shapes = student.backbone.output_shape()
+        teacher_shapes = teacher.output_shape()
+        self.feature_pairs = resolve_feature_pairs(
+            student_shapes, teacher_shapes, feature_pairs, num_levels
+        )
+        self._check_channels(student_shapes, teacher_shapes)
+        self.needs_predictions = any(
+            getattr(loss, "needs_predictions", False) for loss in self.distill_losses.values()
+        )
+        for s, t in self.feature_pairs:
+            if student_shapes[s].stride != teacher_shapes[t].stride:
+                logger.info(
+                    f"Distilling student {s} (stride {student_shapes[s].stride}) from teacher {t} "
+                    f"(stride {teacher_shapes[t].stride}): maps are resized to a common size."
+                )
+
+    def _check_channels(self, student_shapes, teacher_shapes) -> None:
+        strict = [n for n, l in self.distill_losses.items() if not getattr(l, "has_adapter", False)]
+        for s, t in self.feature_pairs:
+            cs, ct = student_shapes[s].channels, teacher_shapes[t].channels
+            if cs != ct and strict:
+                raise ValueError(
+                    f"Student level {s} has {cs} channels but teacher level {t} has {ct}, and "
+                    f"loss(es) {strict} have no channel adapter. Pair levels with equal channels "
+                    "(MODEL.DISTILL.FEATURE_PAIRS), match MODEL.FPN.OUT_CHANNELS, or use a loss "
+                    "with an adapter (MSE, FGD)."
+                )
+
+    @classmethod
+    def from_config(cls, cfg):
+        distill = cfg.MODEL.DISTILL
+        student = build_model(student_config(cfg))
+        teacher = load_teacher(
+            distill.TEACHER.CONFIG,
+            distill.TEACHER.WEIGHTS,
+            distill.TEACHER.OPTS,
+            device=cfg.MODEL.DEVICE,
+        )
+        student_shapes = student.backbone.output_shape()
+        teacher_shapes = teacher.output_shape()
+        pairs = resolve_feature_pairs(
+            student_shapes, teacher_shapes, distill.FEATURE_PAIRS, distill.NUM_LEVELS
+        )
+        losses = build_distill_losses(
+            cfg, feature_pairs=pairs, student_shapes=student_shapes, teacher_shapes=teacher_shapes
+        )
+        return {
+            "student": student,
+            "teacher": teacher,
+            "losses": losses,
+            "feature_pairs": pairs,
+            "student_input_format": cfg.INPUT.FORMAT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: Detectron2's list of dicts (``image`` (C, H, W), ``instances``, ...).
+
+        Returns:
+            training: dict of losses (student's + distillation); inference: the student's outputs.
+        """
+        if not self.training:
+            return self.student(batched_inputs)
+
+        outputs = run_student(self.student, batched_inputs, self.needs_predictions)
+        teacher_images = self.teacher.preprocess(
+            batched_inputs, self.student_input_format, tuple(outputs.images.shape[-2:])
+        )
+        teacher_features = self.teacher.features(teacher_images)
+        inputs = DistillInputs(
+            levels=[s for s, _ in self.feature_pairs],
+            student_features=[outputs.features[s] for s, _ in self.feature_pairs],
+            teacher_features=[teacher_features[t] for _, t in self.feature_pairs],
+            gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
+            image_size=tuple(outputs.images.shape[-2:]),
+        )
+        losses = dict(outputs.losses)
+        # Distillation losses are computed in fp32, also under AMP.
+        with torch.autocast(self.device.type, enabled=False):
+            for loss in self.distill_losses.values():
+                terms = loss(inputs)
+                clash = set(terms) & set(losses)
+                if clash:
+                    raise RuntimeError(f"Distillation loss names {clash} collide with others.")
+                losses.update(terms)
+        self._log_correlation(inputs)
+        return losses
+
+    def _log_correlation(self, inputs: DistillInputs) -> None:
+        storage = get_event_storage()
+        for level, s, t in zip(inputs.levels, inputs.student_features, inputs.teacher_features):
+            if s.shape[1] == t.shape[1]:
+                storage.put_scalar(f"kd/pcc_{level}", channel_pearson(s, t))

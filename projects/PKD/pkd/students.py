@@ -1,0 +1,74 @@
+"""One way to run a supported student through its own training forward and keep what the
+distillation losses need (its padded input batch, FPN dict and, for dense heads, predictions)."""
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from torch import Tensor, nn
+
+from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+__all__ = ["StudentOutputs", "check_student", "run_student", "SUPPORTED_STUDENTS"]
+
+SUPPORTED_STUDENTS = (DenseDetector, GeneralizedRCNN)
+
+
+def check_student(model: nn.Module) -> None:
+    """Raises a TypeError naming the supported kinds if ``model`` is not one of them."""
+    if not isinstance(model, SUPPORTED_STUDENTS):
+        raise TypeError(
+            f"Unsupported student {type(model).__name__}: DistillMetaArch distils RetinaNet, FCOS "
+            "(any DenseDetector) and GeneralizedRCNN (Faster/Mask R-CNN) students. Set "
+            "MODEL.DISTILL.STUDENT_ARCH to one of 'RetinaNet', 'FCOS', 'GeneralizedRCNN'."
+        )
+
+
+@dataclass
+class StudentOutputs:
+    """What one training forward of the student produced.
+
+    Attributes:
+        losses: the student's own losses, as its forward returns them.
+        images: (N, 3, H, W) padded, normalised input batch the backbone saw.
+        features: the backbone's dict {level: (N, C, Hl, Wl)}.
+        predictions: dense students only, when requested: the head's per-level outputs
+            (e.g. [logits list, box deltas list] for RetinaNet).
+    """
+
+    losses: Dict[str, Tensor]
+    images: Tensor
+    features: Dict[str, Tensor]
+    predictions: Optional[List[List[Tensor]]] = None
+
+
+def run_student(
+    student: nn.Module, batched_inputs: List[Dict], keep_predictions: bool = False
+) -> StudentOutputs:
+    """Runs ``student(batched_inputs)`` unchanged (its own preprocessing, backbone, head or
+    proposals+ROI heads, and loss code) and captures the intermediate tensors with forward hooks,
+    so no Detectron2 code is forked and nothing is computed twice."""
+    captured = {}
+
+    def keep_backbone(_module, args, output):
+        captured["images"], captured["features"] = args[0], output
+
+    def keep_head(_module, _args, output):
+        captured["predictions"] = output
+
+    with ExitStack() as stack:
+        stack.callback(student.backbone.register_forward_hook(keep_backbone).remove)
+        if keep_predictions:
+            if not isinstance(student, DenseDetector):
+                raise TypeError(
+                    f"Prediction-guided losses need a dense student (RetinaNet, FCOS), got "
+                    f"{type(student).__name__}."
+                )
+            stack.callback(student.head.register_forward_hook(keep_head).remove)
+        losses = student(batched_inputs)
+    return StudentOutputs(
+        losses=losses,
+        images=captured["images"],
+        features=captured["features"],
+        predictions=captured.get("predictions"),
+    )

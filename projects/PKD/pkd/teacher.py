@@ -1,0 +1,272 @@
+"""The frozen teacher: built from its own config, loaded strictly, frozen by construction, and fed
+the student's images re-normalised the teacher's way."""
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+
+__all__ = [
+    "FrozenTeacher",
+    "TeacherCheckpointError",
+    "build_teacher_model",
+    "load_teacher",
+    "load_teacher_config",
+    "RANDOM_WEIGHTS",
+]
+
+logger = logging.getLogger(__name__)
+
+# Explicit opt-in to an untrained teacher (tests); anything else must be a real checkpoint.
+RANDOM_WEIGHTS = "random"
+
+
+class TeacherCheckpointError(RuntimeError):
+    """The teacher checkpoint is missing or does not fit the teacher model."""
+
+
+def _split_overrides(opts: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Accepts yacs ``KEY VALUE`` pairs or ``key=value`` items; returns both forms."""
+    opts = [str(o) for o in opts]
+    if all("=" in o for o in opts):
+        kv = opts
+        flat = [part for o in opts for part in o.split("=", 1)]
+    else:
+        if len(opts) % 2:
+            raise ValueError(
+                f"MODEL.DISTILL.TEACHER.OPTS={opts} has an odd length: give KEY VALUE pairs "
+                "(yacs style) or key=value items."
+            )
+        flat = opts
+        kv = [f"{k}={v}" for k, v in zip(opts[::2], opts[1::2])]
+    return flat, kv
+
+
+def _resolve_config_path(config: str) -> str:
+    if os.path.isfile(config):
+        return config
+    from detectron2 import model_zoo  # imported lazily: it warns at import
+
+    try:
+        return model_zoo.get_config_file(config)
+    except RuntimeError:
+        raise FileNotFoundError(
+            f"Teacher config '{config}' is neither a file (relative paths resolve against the "
+            f"config that names them, then the working directory '{os.getcwd()}') nor a "
+            "Detectron2 model-zoo config name. Set MODEL.DISTILL.TEACHER.CONFIG to an existing "
+            ".yaml/.py file."
+        ) from None
+
+
+def load_teacher_config(config: str, opts: Sequence[str] = ()):
+    """Loads a teacher config (yacs ``.yaml`` or LazyConfig ``.py``) and applies ``opts``.
+
+    Returns:
+        (cfg, kind): the loaded config and ``"yacs"`` or ``"lazy"``.
+    """
+    if not config:
+        raise ValueError(
+            "MODEL.DISTILL.TEACHER.CONFIG is empty: name the teacher's config file (.yaml or .py)."
+        )
+    path = _resolve_config_path(config)
+    flat, kv = _split_overrides(opts)
+    if path.endswith(".py"):
+        cfg = LazyConfig.load(path)
+        return LazyConfig.apply_overrides(cfg, kv), "lazy"
+    from .config import get_distill_cfg
+
+    cfg = get_distill_cfg()
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(flat)
+    return cfg, "yacs"
+
+
+def build_teacher_model(config: str, opts: Sequence[str] = (), device: Optional[str] = None):
+    """Builds (untrained) the detector a teacher config describes.
+
+    Returns:
+        (model, input_format)
+    """
+    cfg, kind = load_teacher_config(config, opts)
+    if kind == "lazy":
+        model = instantiate(cfg.model)
+        input_format = getattr(model, "input_format", None) or _lazy_input_format(cfg)
+    else:
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+            raise ValueError(f"Teacher config {config} is itself a distillation config.")
+        model = build_model(cfg)
+        input_format = cfg.INPUT.FORMAT
+    if device is not None:
+        model.to(device)
+    return model, input_format
+
+
+def _lazy_input_format(cfg) -> str:
+    try:
+        return cfg.dataloader.train.mapper.image_format
+    except (AttributeError, KeyError):
+        return "BGR"
+
+
+class _StrictCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer (zoo .pkl, Caffe2 names, URLs) that refuses a partial load."""
+
+    def __init__(self, model: nn.Module, source: str):
+        super().__init__(model)
+        self.source = source
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        problems = []
+        if incompatible.missing_keys:
+            keys = incompatible.missing_keys
+            problems.append(
+                f"{len(keys)} teacher parameters/buffers are not in the checkpoint, "
+                f"e.g. {keys[:5]}"
+            )
+        if incompatible.incorrect_shapes:
+            shapes = [
+                f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                for k, a, b in incompatible.incorrect_shapes[:5]
+            ]
+            problems.append(
+                f"{len(incompatible.incorrect_shapes)} tensors have the wrong shape, e.g. {shapes}"
+            )
+        if problems:
+            raise TeacherCheckpointError(
+                f"Teacher checkpoint '{self.source}' does not fit the teacher model: "
+                + "; ".join(problems)
+                + ". Point MODEL.DISTILL.TEACHER.WEIGHTS at weights trained with "
+                "MODEL.DISTILL.TEACHER.CONFIG (or fix the config/OPTS to match the checkpoint)."
+            )
+        super()._log_incompatible_keys(incompatible)  # unexpected keys: logged, harmless
+
+
+def load_teacher_weights(model: nn.Module, weights: str) -> None:
+    """Loads ``weights`` into ``model``; every parameter and buffer must be covered."""
+    if weights == RANDOM_WEIGHTS:
+        logger.warning("Teacher keeps RANDOM weights (MODEL.DISTILL.TEACHER.WEIGHTS='random').")
+        return
+    if not weights:
+        raise TeacherCheckpointError(
+            "MODEL.DISTILL.TEACHER.WEIGHTS is empty: give the trained teacher's checkpoint. "
+            "(Only the explicit value 'random' trains against an untrained teacher, for tests.)"
+        )
+    if "://" not in weights and not os.path.isfile(weights):
+        raise TeacherCheckpointError(
+            f"Teacher checkpoint '{weights}' does not exist (working directory: {os.getcwd()}). "
+            "Set MODEL.DISTILL.TEACHER.WEIGHTS to the teacher's trained weights."
+        )
+    _StrictCheckpointer(model, weights).load(weights, checkpointables=[])
+
+
+class FrozenTeacher(nn.Module):
+    """A trained detector used only as a feature (and, if asked, prediction) source.
+
+    Frozen by construction: ``requires_grad=False`` everywhere, BatchNorm turned into
+    FrozenBatchNorm2d, always in eval mode (``train(True)`` is ignored), forward under no_grad.
+    """
+
+    def __init__(self, model: nn.Module, *, weights: str, input_format: str = "BGR"):
+        """
+        Args:
+            model: an untrained Detectron2 detector whose ``backbone`` returns a dict of maps.
+            weights: checkpoint to load strictly, or ``"random"`` (tests only).
+            input_format: the channel order the teacher was trained with ("BGR"/"RGB").
+        """
+        super().__init__()
+        if not hasattr(model, "backbone") or not hasattr(model.backbone, "output_shape"):
+            raise TypeError(
+                f"Teacher {type(model).__name__} has no Detectron2 backbone with output_shape(): "
+                "a teacher must be a Detectron2 detector with an FPN-style backbone."
+            )
+        load_teacher_weights(model, weights)
+        model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+        model.requires_grad_(False)
+        self.model = model
+        self.input_format = input_format
+        self.weights = weights
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        # The teacher is never trained: keep eval-mode behaviour (BN, dropout, inference paths).
+        return super().train(False)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return self.model.backbone.output_shape()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pixel_mean.device
+
+    def preprocess(
+        self,
+        batched_inputs: List[Dict[str, Tensor]],
+        student_format: str,
+        padded_size: Tuple[int, int],
+    ) -> Tensor:
+        """Builds the teacher's input batch from the raw images the student saw.
+
+        Args:
+            batched_inputs: Detectron2 inputs; ``x["image"]`` is (C, Hi, Wi) in ``student_format``.
+            student_format: the student's ``INPUT.FORMAT``.
+            padded_size: (H, W) of the student's padded batch; the teacher's batch is padded to it
+                (rounded up to the teacher's size divisibility), so that features align.
+
+        Returns:
+            Tensor (N, C, H', W'): normalised with the teacher's pixel mean/std, zero-padded.
+        """
+        model = self.model
+        reorder = _channel_reorder(student_format, self.input_format)
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(model.pixel_mean.device)
+            if reorder:
+                image = image.flip(0)
+            images.append((image - model.pixel_mean) / model.pixel_std)
+        backbone = model.backbone
+        batch = ImageList.from_tensors(
+            images, backbone.size_divisibility, padding_constraints=backbone.padding_constraints
+        ).tensor
+        divisibility = max(backbone.size_divisibility, 1)
+        target_h = -(-padded_size[0] // divisibility) * divisibility
+        target_w = -(-padded_size[1] // divisibility) * divisibility
+        pad_h, pad_w = target_h - batch.shape[-2], target_w - batch.shape[-1]
+        if pad_h > 0 or pad_w > 0:
+            batch = F.pad(batch, [0, max(pad_w, 0), 0, max(pad_h, 0)])
+        return batch
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Dict[str, Tensor]:
+        """Backbone(+FPN) maps of a preprocessed batch: {level: (N, C, H, W)}, no grad."""
+        return self.model.backbone(images)
+
+
+def load_teacher(
+    config: str, weights: str, opts: Sequence[str] = (), device: Optional[str] = None
+) -> FrozenTeacher:
+    """Builds the teacher from its own config file, loads ``weights`` strictly and freezes it.
+    Usable in LazyConfig: ``teacher=L(load_teacher)(config=..., weights=...)``."""
+    model, input_format = build_teacher_model(config, opts, device)
+    return FrozenTeacher(model, weights=weights, input_format=input_format)
+
+
+def _channel_reorder(student_format: str, teacher_format: str) -> bool:
+    formats = {student_format, teacher_format}
+    if student_format == teacher_format:
+        return False
+    if formats == {"RGB", "BGR"}:
+        return True
+    raise ValueError(
+        f"Cannot convert student INPUT.FORMAT={student_format} to teacher format "
+        f"{teacher_format}: only RGB<->BGR reordering is supported. Train both on the same format."
+    )
