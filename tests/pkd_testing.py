@@ -12,9 +12,9 @@ from pkd.config import get_distill_cfg
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 DEMO = os.path.join(CONFIGS, "Demo")
-TEACHER_YAML = os.path.join(DEMO, "FasterRCNN-R34-teacher.yaml")
-# A ResNet-18 teacher keeps the tests fast; the kind (two-stage R-CNN) is the demo's.
-TINY_TEACHER_OPTS = ["MODEL.RESNETS.DEPTH", "18"]
+TEACHER_YAML = os.path.join(DEMO, "FasterRCNN-R18-teacher.yaml")
+# The demo teacher with a slimmer box head (exercises TEACHER.OPTS, keeps the tests fast).
+TINY_TEACHER_OPTS = ["MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
 TINY_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
               "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 

@@ -1,5 +1,5 @@
 """LazyConfig twin of PKD-RetinaNet-R18.yaml: the CPU demo's RetinaNet-R18 student distilled with
-PKD from the Faster R-CNN R34 teacher (a yacs teacher config is fine in a LazyConfig).
+PKD from the Faster R-CNN R18 teacher (a yacs teacher config is fine in a LazyConfig).
 
   tools/train_net.py --config-file configs/Demo/PKD-RetinaNet-R18.py train.max_iter=100
 """
@@ -41,7 +41,7 @@ student.pixel_std = [57.375, 57.120, 58.395]
 model = L(DistillMetaArch)(
     student=student,
     teacher=L(load_teacher)(
-        config=os.path.join(_here, "FasterRCNN-R34-teacher.yaml"),
+        config=os.path.join(_here, "FasterRCNN-R18-teacher.yaml"),
         weights="output/demo/teacher/model_final.pth",
         device="${...train.device}",
     ),
@@ -63,19 +63,19 @@ dataloader.test.mapper.augmentations[0].max_size = 256
 dataloader.test.num_workers = 1
 
 optimizer = model_zoo.get_config("common/optim.py").SGD
-optimizer.lr = 0.01
+optimizer.lr = 0.02
 
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
 train.output_dir = "output/demo/student_pkd_lazy"
-train.max_iter = 600
+train.max_iter = 150
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 100000
 
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[450, 550], num_updates="${train.max_iter}"
+        values=[1.0, 0.1, 0.01], milestones=[110, 140], num_updates="${train.max_iter}"
     ),
-    warmup_length=50 / 600,  # a fraction of train.max_iter
+    warmup_length=50 / 150,  # a fraction of train.max_iter
     warmup_factor=0.001,
 )

@@ -2,6 +2,7 @@
 
 ``tools/train_net.py`` is a thin wrapper around :func:`main`; everything a test needs lives here.
 """
+import json
 import logging
 import os
 import weakref
@@ -209,24 +210,30 @@ def lazy_train(args, cfg):
     return last_results
 
 
+RESULTS_FILE = "eval_results.json"
+
+
 def main(args) -> Dict:
-    """Train or evaluate, for either config kind. Returns evaluation results."""
+    """Train or evaluate, for either config kind. Returns the (last) evaluation results, also
+    written to ``<output_dir>/eval_results.json``."""
     cfg = setup(args)
     lazy = is_lazy_config(args.config_file)
+    output_dir = cfg.train.output_dir if lazy else cfg.OUTPUT_DIR
     if args.eval_only:
         model = build_student_for_eval(cfg)
         weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
-        DetectionCheckpointer(model, save_dir=_output_dir(cfg, lazy)).resume_or_load(
+        DetectionCheckpointer(model, save_dir=output_dir).resume_or_load(
             weights, resume=args.resume
         )
-        return lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)
-    if lazy:
-        return lazy_train(args, cfg)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()  # evaluates at the end (EvalHook)
-    return getattr(trainer, "_last_eval_results", OrderedDict())
-
-
-def _output_dir(cfg, lazy: bool) -> str:
-    return cfg.train.output_dir if lazy else cfg.OUTPUT_DIR
+        results = lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)
+    elif lazy:
+        results = lazy_train(args, cfg)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()  # evaluates at the end (EvalHook)
+        results = getattr(trainer, "_last_eval_results", OrderedDict())
+    if results and comm.is_main_process():
+        with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+    return results

@@ -11,8 +11,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
-from .losses import DistillInputs, build_distill_losses, channel_pearson
-from .students import check_student, run_student
+from .losses import DensePredictions, DistillInputs, build_distill_losses, channel_pearson
+from .students import check_dense_student, check_student, run_student
 from .teacher import FrozenTeacher, load_teacher
 
 __all__ = ["DistillMetaArch", "resolve_feature_pairs", "student_config"]
@@ -127,6 +127,9 @@ class DistillMetaArch(nn.Module):
         self.needs_predictions = any(
             getattr(loss, "needs_predictions", False) for loss in self.distill_losses.values()
         )
+        if self.needs_predictions:
+            check_dense_student(student)
+            teacher.check_dense()
         for s, t in self.feature_pairs:
             if student_shapes[s].stride != teacher_shapes[t].stride:
                 logger.info(
@@ -199,6 +202,8 @@ class DistillMetaArch(nn.Module):
             gt_instances=[x["instances"].to(self.device) for x in batched_inputs],
             image_size=tuple(outputs.images.shape[-2:]),
         )
+        if self.needs_predictions:
+            inputs.predictions = self._dense_predictions(outputs, teacher_features)
         losses = dict(outputs.losses)
         # Distillation losses are computed in fp32, also under AMP.
         with torch.autocast(self.device.type, enabled=False):
@@ -210,6 +215,17 @@ class DistillMetaArch(nn.Module):
                 losses.update(terms)
         self._log_correlation(inputs)
         return losses
+
+    def _dense_predictions(self, outputs, teacher_features) -> DensePredictions:
+        teacher_head_features, teacher_outputs = self.teacher.dense_head(teacher_features)
+        return DensePredictions(
+            student=self.student,
+            teacher=self.teacher.model,
+            student_features=[outputs.features[f] for f in self.student.head_in_features],
+            teacher_features=teacher_head_features,
+            student_outputs=outputs.predictions,
+            teacher_outputs=teacher_outputs,
+        )
 
     def _log_correlation(self, inputs: DistillInputs) -> None:
         storage = get_event_storage()

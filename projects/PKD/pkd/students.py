@@ -9,7 +9,13 @@ from torch import Tensor, nn
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 
-__all__ = ["StudentOutputs", "check_student", "run_student", "SUPPORTED_STUDENTS"]
+__all__ = [
+    "StudentOutputs",
+    "check_student",
+    "check_dense_student",
+    "run_student",
+    "SUPPORTED_STUDENTS",
+]
 
 SUPPORTED_STUDENTS = (DenseDetector, GeneralizedRCNN)
 
@@ -21,6 +27,15 @@ def check_student(model: nn.Module) -> None:
             f"Unsupported student {type(model).__name__}: DistillMetaArch distils RetinaNet, FCOS "
             "(any DenseDetector) and GeneralizedRCNN (Faster/Mask R-CNN) students. Set "
             "MODEL.DISTILL.STUDENT_ARCH to one of 'RetinaNet', 'FCOS', 'GeneralizedRCNN'."
+        )
+
+
+def check_dense_student(model: nn.Module) -> None:
+    """Raises unless ``model`` has a dense head, as prediction-guided losses need."""
+    if not isinstance(model, DenseDetector):
+        raise TypeError(
+            f"Prediction-guided losses (PGD, RM, PFI) need a dense student (RetinaNet, FCOS), got "
+            f"{type(model).__name__}. Use a feature loss (PKD, MSE, FGD) with this student."
         )
 
 
@@ -59,11 +74,7 @@ def run_student(
     with ExitStack() as stack:
         stack.callback(student.backbone.register_forward_hook(keep_backbone).remove)
         if keep_predictions:
-            if not isinstance(student, DenseDetector):
-                raise TypeError(
-                    f"Prediction-guided losses need a dense student (RetinaNet, FCOS), got "
-                    f"{type(student).__name__}."
-                )
+            check_dense_student(student)
             stack.callback(student.head.register_forward_hook(keep_head).remove)
         losses = student(batched_inputs)
     return StudentOutputs(

@@ -12,6 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
 
 __all__ = [
@@ -249,6 +250,26 @@ class FrozenTeacher(nn.Module):
     def features(self, images: Tensor) -> Dict[str, Tensor]:
         """Backbone(+FPN) maps of a preprocessed batch: {level: (N, C, H, W)}, no grad."""
         return self.model.backbone(images)
+
+    def check_dense(self) -> None:
+        """Raises unless the teacher has a dense head (RetinaNet, FCOS, ...)."""
+        if not isinstance(self.model, DenseDetector):
+            raise TypeError(
+                f"The teacher is a {type(self.model).__name__}, which has no dense head: "
+                "prediction-guided losses (PGD, RM, PFI) need a dense teacher such as RetinaNet "
+                "or FCOS. Use a feature loss (PKD, MSE, FGD) with this teacher."
+            )
+
+    @torch.no_grad()
+    def dense_head(self, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[List[Tensor]]]:
+        """Runs the teacher's own dense head on its backbone maps.
+
+        Returns:
+            (head inputs in ``head_in_features`` order, the head's per-level outputs).
+        """
+        self.check_dense()
+        head_features = [features[f] for f in self.model.head_in_features]
+        return head_features, self.model.head(head_features)
 
 
 def load_teacher(

@@ -1,10 +1,11 @@
 """Distillation losses, registered in :data:`DISTILL_LOSS_REGISTRY`."""
-from .base import DISTILL_LOSS_REGISTRY, DistillInputs, align_spatial
+from .base import DISTILL_LOSS_REGISTRY, DensePredictions, DistillInputs, align_spatial
 from .pkd import PKDLoss, channel_pearson, pkd_loss
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
     "DistillInputs",
+    "DensePredictions",
     "align_spatial",
     "PKDLoss",
     "pkd_loss",

@@ -1,23 +1,48 @@
 """What every distillation loss receives, the loss registry, and the spatial alignment rule."""
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
-__all__ = ["DISTILL_LOSS_REGISTRY", "DistillInputs", "align_spatial"]
+__all__ = ["DISTILL_LOSS_REGISTRY", "DistillInputs", "DensePredictions", "align_spatial"]
 
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
 Distillation losses. A registered class is an ``nn.Module`` built with
 ``cls(cfg, feature_pairs=..., student_shapes=..., teacher_shapes=...)`` (``@configurable``, so it
 also builds from keyword arguments in LazyConfig). Its ``forward(inputs: DistillInputs)`` returns
-``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attribute
-``needs_predictions = True`` asks DistillMetaArch for the dense head outputs of both models.
+``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attributes:
+``needs_predictions = True`` asks DistillMetaArch for the dense head outputs of both models
+(:class:`DensePredictions`); ``has_adapter = True`` declares that the loss handles paired levels
+with different channel counts itself.
 """
+
+
+@dataclass
+class DensePredictions:
+    """Dense-head material of both models, for prediction-guided losses (PGD, RM, PFI).
+
+    Attributes:
+        student, teacher: the two dense detectors (``DenseDetector``: RetinaNet, FCOS, ...). Use
+            their own Detectron2 code for anchors and assignment (``student.anchor_generator``,
+            ``student.label_anchors``, ``box2box_transform``), never a copy.
+        student_features, teacher_features: the maps each head consumed, one per level in the
+            order of ``<model>.head_in_features``: (N, C, Hl, Wl).
+        student_outputs, teacher_outputs: what each ``head`` returned: a list of per-level lists,
+            e.g. RetinaNet ``[logits (N, A*K, Hl, Wl), deltas (N, A*4, Hl, Wl)]``, FCOS adds
+            ``ctrness (N, 1, Hl, Wl)``. Teacher outputs carry no grad.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    student_features: List[Tensor]
+    teacher_features: List[Tensor]
+    student_outputs: List[List[Tensor]]
+    teacher_outputs: List[List[Tensor]]
 
 
 @dataclass
@@ -30,8 +55,8 @@ class DistillInputs:
         teacher_features: per pair, (N, Ct, Ht, Wt) maps of the teacher (no grad).
         gt_instances: per image, ground truth (``gt_boxes`` XYXY in input pixels, ``gt_classes``).
         image_size: (H, W) of the padded input batch.
-        predictions: lazily computed dense-head material for prediction-guided losses; see
-            DistillMetaArch. None unless a configured loss sets ``needs_predictions``.
+        predictions: dense-head material of both models; None unless a configured loss sets
+            ``needs_predictions``.
     """
 
     levels: List[str]
@@ -39,8 +64,7 @@ class DistillInputs:
     teacher_features: List[Tensor]
     gt_instances: List[Instances]
     image_size: Tuple[int, int]
-    predictions: Optional[Dict[str, object]] = None
-    extras: Dict[str, object] = field(default_factory=dict)
+    predictions: Optional[DensePredictions] = None
 
 
 def align_spatial(student: Tensor, teacher: Tensor, resize_student: bool = True):

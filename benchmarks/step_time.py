@@ -1,0 +1,622 @@
+#!/usr/bin/env python
+"""Step time and peak memory of distillation against its physical limit.
+
+Measures, side by side in one run, on the same batch:
+
+* ``student_step``: the plain student's training step (forward + backward + SGD step);
+* ``teacher_preprocess`` / ``teacher_features``: the teacher's input preparation and its
+  backbone+FPN forward under no_grad (the two are timed separately, inside one call);
+* ``distill_step``: DistillMetaArch's training step with PKD (forward + backward + SGD step);
+* ``pkd_loss``: the configured PKD loss, forward + backward, on real paired FPN features;
+* ``pcc``: the ``kd/pcc`` diagnostic (``channel_pearson`` over the pairs, read out as a float).
+
+After warm-up the kinds run interleaved in rounds, so that machine noise hits all of them alike,
+and medians are reported. The headline number is
+
+    ratio = distill_step / (student_step + teacher_features)
+
+whose physical limit is 1.0 (distillation cannot be cheaper than running both networks); the
+target is <= 1.05. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` after a reset; on CPU
+each kind runs in a fresh subprocess of this script (``--memory-probe KIND``) that reports its
+peak RSS minus the RSS just before its steps.
+
+    python benchmarks/step_time.py --preset tiny --rounds 2      # quick check
+    python benchmarks/step_time.py                                 # RetinaNet-R50 <- Mask R-CNN R50
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import detectron2
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+
+from pkd.config import get_distill_cfg
+from pkd.losses import DistillInputs, channel_pearson
+from pkd.meta_arch import student_config
+from pkd.students import run_student
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from pkd_testing import make_batch  # noqa: E402  (the test suite's batch maker)
+
+RATIO_TARGET = 1.05
+# Samples per round of the two cheap kinds (one sample of each would be mostly timer noise).
+LOSS_REPEATS = 5
+# A learning rate small enough that random-weight models stay finite over all rounds; the cost
+# of an SGD step does not depend on it.
+BENCH_LR = 1e-6
+BOXES_PER_IMAGE = 3
+MEMORY_PROBE_KINDS = ("student_step", "teacher_features", "distill_step")
+PROBE_STEPS = 2
+PROBE_TAG = "MEMORY_PROBE "
+MiB = 1024.0 * 1024.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model pair and input size to benchmark."""
+
+    student_config: str  # a file, or a Detectron2 model-zoo config name
+    teacher_config: Optional[str]  # None: keep the one the student config names
+    batch: int
+    height: int
+    width: int
+
+
+PRESETS = {
+    "full": Preset(
+        student_config="COCO-Detection/retinanet_R_50_FPN_3x.yaml",
+        teacher_config="COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        batch=2,
+        height=512,
+        width=683,
+    ),
+    "tiny": Preset(
+        student_config=os.path.join(REPO, "configs", "Demo", "PKD-RetinaNet-R18.yaml"),
+        teacher_config=None,
+        batch=8,
+        height=128,
+        width=160,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str) -> str:
+    """``cuda`` only when asked for and available; otherwise ``cpu`` (with a notice)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        print("CUDA requested but not available: running on CPU.", file=sys.stderr)
+        return "cpu"
+    return requested
+
+
+def config_path(name: str) -> str:
+    """A config file path, or the file of a Detectron2 model-zoo config name."""
+    if os.path.isfile(name):
+        return name
+    from detectron2 import model_zoo  # imported lazily: it warns at import
+
+    return model_zoo.get_config_file(name)
+
+
+def build_cfg(preset: Preset, device: str):
+    """The distillation config of ``preset``: random teacher weights, no downloads."""
+    cfg = get_distill_cfg()
+    cfg.merge_from_file(config_path(preset.student_config))
+    cfg.MODEL.META_ARCHITECTURE = "DistillMetaArch"
+    cfg.MODEL.DISTILL.STUDENT_ARCH = "RetinaNet"
+    if preset.teacher_config is not None:
+        cfg.MODEL.DISTILL.TEACHER.CONFIG = preset.teacher_config
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = "random"
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    cfg.SOLVER.BASE_LR = BENCH_LR
+    cfg.freeze()
+    return cfg
+
+
+def sync(device: str) -> None:
+    """Waits for queued GPU work, so that wall-clock intervals cover it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Workload:
+    """Models, optimizers and the batch of one benchmark run; each is built on first use, so a
+    memory probe builds only what its kind needs."""
+
+    cfg: object
+    batch_size: int
+    height: int
+    width: int
+    seed: int
+    last_losses: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return self.cfg.MODEL.DEVICE
+
+    def _build(self, cfg):
+        seed_all_rng(self.seed)
+        model = build_model(cfg)
+        model.train()
+        return model
+
+    @cached_property
+    def student(self):
+        return self._build(student_config(self.cfg))
+
+    @cached_property
+    def distill(self):
+        return self._build(self.cfg)
+
+    @cached_property
+    def student_optimizer(self):
+        return build_optimizer(self.cfg, self.student)
+
+    @cached_property
+    def distill_optimizer(self):
+        return build_optimizer(self.cfg, self.distill)
+
+    @cached_property
+    def batch(self) -> List[dict]:
+        """``batch_size`` images of height x width, uint8-valued, a few random GT boxes each."""
+        return make_batch(
+            sizes=[(self.height, self.width)] * self.batch_size,
+            boxes_per_image=[BOXES_PER_IMAGE] * self.batch_size,
+            num_classes=self.cfg.MODEL.RETINANET.NUM_CLASSES,
+            seed=self.seed,
+        )
+
+    @cached_property
+    def padded_size(self) -> Tuple[int, int]:
+        """(H, W) of the student's padded input batch (what the teacher's batch is padded to)."""
+        with torch.no_grad():
+            images = self.distill.student.preprocess_image(self.batch)
+        return tuple(images.tensor.shape[-2:])
+
+    @cached_property
+    def paired_features(self) -> Tuple[List[str], List[torch.Tensor], List[torch.Tensor]]:
+        """Real FPN maps of one forward of each model, per feature pair: (student levels,
+        student maps, teacher maps), detached."""
+        model = self.distill
+        with torch.no_grad():
+            outputs = run_student(model.student, self.batch)
+            teacher_maps = model.teacher.features(self._teacher_images())
+        pairs = model.feature_pairs
+        return (
+            [s for s, _ in pairs],
+            [outputs.features[s].detach() for s, _ in pairs],
+            [teacher_maps[t].detach() for _, t in pairs],
+        )
+
+    def _teacher_images(self) -> torch.Tensor:
+        model = self.distill
+        return model.teacher.preprocess(self.batch, model.student_input_format, self.padded_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The measured kinds: each callable runs one unit of work and returns {name: seconds}
+# ----------------------------------------------------------------------------------------------
+
+Runner = Callable[[], Dict[str, float]]
+
+
+def train_step(work: Workload, model, optimizer, name: str) -> Runner:
+    """One training step as Detectron2's SimpleTrainer runs it: forward, sum of the losses,
+    zero_grad, backward, optimizer step."""
+
+    def run() -> Dict[str, float]:
+        sync(work.device)
+        start = time.perf_counter()
+        losses = model(work.batch)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        sync(work.device)
+        elapsed = time.perf_counter() - start
+        work.last_losses[name] = total.item()
+        return {name: elapsed}
+
+    return run
+
+
+def teacher_forward(work: Workload) -> Runner:
+    """The teacher's preprocessing and backbone+FPN forward (no_grad), timed separately."""
+    teacher = work.distill.teacher
+    fmt, padded = work.distill.student_input_format, work.padded_size
+
+    def run() -> Dict[str, float]:
+        sync(work.device)
+        start = time.perf_counter()
+        images = teacher.preprocess(work.batch, fmt, padded)
+        sync(work.device)
+        middle = time.perf_counter()
+        teacher.features(images)
+        sync(work.device)
+        return {"teacher_preprocess": middle - start, "teacher_features": time.perf_counter() - middle}
+
+    return run
+
+
+def pkd_loss_step(work: Workload) -> Runner:
+    """The configured PKD loss (weight included) over all pairs, forward + backward into the
+    student maps, on the captured real features."""
+    levels, student_maps, teacher_maps = work.paired_features
+    loss = work.distill.distill_losses["PKD"]
+
+    def run() -> Dict[str, float]:
+        leaves = [s.clone().requires_grad_() for s in student_maps]
+        inputs = DistillInputs(levels, leaves, teacher_maps, [], work.padded_size)
+        sync(work.device)
+        start = time.perf_counter()
+        sum(loss(inputs).values()).backward()
+        sync(work.device)
+        return {"pkd_loss": time.perf_counter() - start}
+
+    return run
+
+
+def pcc_diagnostic(work: Workload) -> Runner:
+    """``channel_pearson`` over the pairs, each read out as a float as ``put_scalar`` does."""
+    _, student_maps, teacher_maps = work.paired_features
+
+    def run() -> Dict[str, float]:
+        sync(work.device)
+        start = time.perf_counter()
+        for s, t in zip(student_maps, teacher_maps):
+            float(channel_pearson(s, t))
+        return {"pcc": time.perf_counter() - start}
+
+    return run
+
+
+def build_runners(work: Workload) -> Dict[str, Tuple[Runner, int]]:
+    """{kind: (runner, calls per round)}, in the order a round runs them."""
+    return {
+        "student_step": (train_step(work, work.student, work.student_optimizer, "student_step"), 1),
+        "teacher": (teacher_forward(work), 1),
+        "distill_step": (train_step(work, work.distill, work.distill_optimizer, "distill_step"), 1),
+        "pkd_loss": (pkd_loss_step(work), LOSS_REPEATS),
+        "pcc": (pcc_diagnostic(work), LOSS_REPEATS),
+    }
+
+
+def runner_for(work: Workload, kind: str) -> Runner:
+    """The runner a memory probe of ``kind`` exercises (builds only what it needs)."""
+    if kind == "student_step":
+        return train_step(work, work.student, work.student_optimizer, kind)
+    if kind == "teacher_features":
+        return teacher_forward(work)
+    if kind == "distill_step":
+        return train_step(work, work.distill, work.distill_optimizer, kind)
+    raise ValueError(f"Unknown memory probe kind {kind!r}; one of {MEMORY_PROBE_KINDS}.")
+
+
+def run_rounds(
+    runners: Dict[str, Tuple[Runner, int]], rounds: int, warmup: int, log: bool = True
+) -> Dict[str, List[float]]:
+    """Warm-up rounds (discarded), then ``rounds`` interleaved rounds; returns the raw samples."""
+    samples: Dict[str, List[float]] = {}
+    for r in range(-warmup, rounds):
+        started = time.perf_counter()
+        for runner, calls in runners.values():
+            for _ in range(calls):
+                for name, seconds in runner().items():
+                    if r >= 0:
+                        samples.setdefault(name, []).append(seconds)
+        if log:
+            label = f"warm-up {r + warmup + 1}/{warmup}" if r < 0 else f"round {r + 1}/{rounds}"
+            print(f"  {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+def cuda_peak_mb(runner: Runner) -> float:
+    """Peak CUDA memory one call allocates on top of what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    runner()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MiB
+
+
+def _proc_status_bytes(field_name: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Returns freed heap memory to the OS (glibc), so that the RSS baseline holds no free
+    blocks that the steps would silently reuse."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0), so that
+    the peak afterwards reflects the steps rather than model building. False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(args) -> Dict[str, object]:
+    """Builds what ``args.memory_probe`` needs, runs it PROBE_STEPS times and returns peak RSS
+    minus the RSS just before the steps (MiB). Runs in a fresh process (see cpu_peaks_mb).
+
+    The peak is VmHWM after a reset where Linux allows it. ``ru_maxrss`` is recorded too but is
+    not used when VmHWM exists: after fork+exec it also carries the *parent's* RSS at fork
+    time, which hides the steps' own peak whenever the parent is the larger process."""
+    work = make_workload(args)
+    runner = runner_for(work, args.memory_probe)
+    work.batch  # built before the baseline is taken
+    _release_free_heap()
+    reset = _reset_peak_rss()
+    before = _proc_status_bytes("VmRSS")
+    with EventStorage(0):
+        for _ in range(PROBE_STEPS):
+            runner()
+    hwm = _proc_status_bytes("VmHWM")
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    source = "VmHWM" if (hwm is not None and reset) else "ru_maxrss"
+    peak = hwm if source == "VmHWM" else ru_maxrss
+    return {
+        "kind": args.memory_probe,
+        "peak_mb": (peak - before) / MiB,
+        "rss_before_mb": before / MiB,
+        "peak_rss_mb": peak / MiB,
+        "peak_source": source,
+        "ru_maxrss_mb": ru_maxrss / MiB,
+        "steps": PROBE_STEPS,
+    }
+
+
+def cpu_peaks_mb(args) -> Dict[str, Dict[str, object]]:
+    """Runs one ``--memory-probe`` subprocess per kind, one after the other."""
+    results = {}
+    for kind in MEMORY_PROBE_KINDS:
+        print(f"  memory probe: {kind}", file=sys.stderr, flush=True)
+        command = [
+            sys.executable, os.path.abspath(__file__), "--memory-probe", kind,
+            "--preset", args.preset, "--device", "cpu", "--seed", str(args.seed),
+            "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
+        ]  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith(PROBE_TAG)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"Memory probe {kind} failed:\n{proc.stderr[-3000:]}")
+        results[kind] = json.loads(lines[-1][len(PROBE_TAG):])
+    return results
+
+
+def measure_memory(args, work: Workload, runners) -> Dict[str, Dict[str, object]]:
+    """{kind: {"peak_mb": ..., ...}} for the student step, teacher forward and distill step."""
+    if work.device.startswith("cuda"):
+        return {
+            "student_step": {"peak_mb": cuda_peak_mb(runners["student_step"][0])},
+            "teacher_features": {"peak_mb": cuda_peak_mb(runners["teacher"][0])},
+            "distill_step": {"peak_mb": cuda_peak_mb(runners["distill_step"][0])},
+        }
+    return cpu_peaks_mb(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def summarize(samples: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
+    """Median and min of every kind's samples."""
+    return {
+        k: {"median": statistics.median(v), "min": min(v), "n": len(v)} for k, v in samples.items()
+    }
+
+
+def derived_numbers(medians: Dict[str, float]) -> Dict[str, float]:
+    """The ratio to the physical limit, the loss/diagnostic shares, and the part of the distill
+    step not explained by its measured components."""
+    distill = medians["distill_step"]
+    limit = medians["student_step"] + medians["teacher_features"]
+    parts = limit + medians["teacher_preprocess"] + medians["pkd_loss"] + medians["pcc"]
+    return {
+        "ratio": distill / limit,
+        "ratio_with_preprocess": distill / (limit + medians["teacher_preprocess"]),
+        "pkd_loss_share": medians["pkd_loss"] / distill,
+        "pcc_share": medians["pcc"] / distill,
+        "teacher_preprocess_share": medians["teacher_preprocess"] / distill,
+        "unexplained_s": distill - parts,
+        "unexplained_share": (distill - parts) / distill,
+    }
+
+
+ROWS = (
+    ("student_step", "student step (fwd+bwd+SGD)", "student_step"),
+    ("teacher_preprocess", "teacher preprocess", None),
+    ("teacher_features", "teacher backbone+FPN (no_grad)", "teacher_features"),
+    ("distill_step", "DistillMetaArch+PKD step", "distill_step"),
+    ("pkd_loss", "PKD loss fwd+bwd (all pairs)", None),
+    ("pcc", "kd/pcc diagnostic (all pairs)", None),
+)
+
+
+def format_report(result: Dict) -> str:
+    """The human-readable table and headline numbers."""
+    stats, memory, d = result["stats"], result["memory"], result["derived"]
+    lines = [
+        f"preset {result['preset']} | device {result['device']} | {result['threads']} threads | "
+        f"batch {result['batch']} x {result['height']}x{result['width']} "
+        f"(padded {result['padded_size'][0]}x{result['padded_size'][1]}) | "
+        f"{result['rounds']} rounds after {result['warmup']} warm-up | "
+        f"load average {result['load_average_1min_before']:.1f} before, "
+        f"{result['load_average_1min']:.1f} after",
+        f"{'kind':<32}{'median s':>10}{'min s':>10}{'n':>4}{'peak MB':>10}",
+    ]
+    for key, label, mem_key in ROWS:
+        s = stats[key]
+        peak = memory.get(mem_key, {}).get("peak_mb") if mem_key else None
+        peak_text = f"{peak:10.1f}" if peak is not None else f"{'-':>10}"
+        lines.append(f"{label:<32}{s['median']:10.4f}{s['min']:10.4f}{s['n']:4d}{peak_text}")
+    verdict = "OK" if d["ratio"] <= RATIO_TARGET else "ABOVE TARGET"
+    lines += [
+        f"ratio distill_step / (student_step + teacher_features) = {d['ratio']:.3f} "
+        f"(limit 1.0, target <= {RATIO_TARGET}: {verdict})",
+        f"  with teacher preprocess in the denominator: {d['ratio_with_preprocess']:.3f}",
+        f"share of distill_step: PKD loss {100 * d['pkd_loss_share']:.2f} %, "
+        f"kd/pcc {100 * d['pcc_share']:.2f} %, "
+        f"teacher preprocess {100 * d['teacher_preprocess_share']:.2f} %",
+        f"distill_step minus all measured parts: {d['unexplained_s']:+.4f} s "
+        f"({100 * d['unexplained_share']:+.2f} %)",
+    ]
+    return "\n".join(lines)
+
+
+def environment() -> Dict[str, object]:
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def write_json(path: str, result: Dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="discarded warm-up rounds")
+    parser.add_argument("--batch", type=int, help="images per batch (default: the preset's)")
+    parser.add_argument("--height", type=int, help="image height (default: the preset's)")
+    parser.add_argument("--width", type=int, help="image width (default: the preset's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="output (default: benchmarks/results/step_time_<preset>.json)")
+    parser.add_argument("--skip-memory", action="store_true", help="timings only")
+    parser.add_argument("--memory-probe", choices=MEMORY_PROBE_KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset.batch
+    args.height = args.height or preset.height
+    args.width = args.width or preset.width
+    args.device = resolve_device(args.device)
+    args.json = args.json or os.path.join(REPO, "benchmarks", "results", f"step_time_{args.preset}.json")
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be >= 1 and --warmup >= 0")
+    return args
+
+
+def make_workload(args) -> Workload:
+    cfg = build_cfg(PRESETS[args.preset], args.device)
+    return Workload(cfg, args.batch, args.height, args.width, args.seed)
+
+
+def benchmark(args) -> Dict:
+    """The whole measurement; returns the JSON-ready result."""
+    load_before = os.getloadavg()[0]
+    work = make_workload(args)
+    with EventStorage(0):
+        runners = build_runners(work)
+        print(f"Benchmarking preset {args.preset} on {args.device} ...", file=sys.stderr)
+        samples = run_rounds(runners, args.rounds, args.warmup)
+        memory = {} if args.skip_memory else measure_memory(args, work, runners)
+    stats = summarize(samples)
+    medians = {k: v["median"] for k, v in stats.items()}
+    derived = derived_numbers(medians)
+    levels, student_maps, teacher_maps = work.paired_features
+    return {
+        "preset": args.preset,
+        "device": args.device,
+        **environment(),
+        "load_average_1min_before": load_before,
+        "batch": args.batch,
+        "height": args.height,
+        "width": args.width,
+        "padded_size": list(work.padded_size),
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "loss_repeats_per_round": LOSS_REPEATS,
+        "student_config": PRESETS[args.preset].student_config,
+        "teacher_config": work.cfg.MODEL.DISTILL.TEACHER.CONFIG,
+        "feature_pairs": [
+            {"student": s, "teacher": t, "student_shape": list(a.shape), "teacher_shape": list(b.shape)}
+            for s, (_, t), a, b in zip(levels, work.distill.feature_pairs, student_maps, teacher_maps)
+        ],
+        "timings": samples,
+        "stats": stats,
+        "medians": medians,
+        "derived": derived,
+        "ratio": derived["ratio"],
+        "ratio_target": RATIO_TARGET,
+        "memory": memory,
+        "last_total_losses": work.last_losses,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.memory_probe:
+        print(PROBE_TAG + json.dumps(memory_probe(args)), flush=True)
+        return
+    result = benchmark(args)
+    print(format_report(result))
+    write_json(args.json, result)
+    print(f"wrote {os.path.relpath(args.json)}")
+
+
+if __name__ == "__main__":
+    main()
