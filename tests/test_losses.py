@@ -108,4 +108,4 @@ def test_pkd_module_weights_every_level(maps):
     assert set(out) == {"loss_pkd_p3", "loss_pkd_p4"}
     assert out["loss_pkd_p3"].item() == pytest.approx(6 * pkd_loss(s, t).item(), rel=1e-6)
     assert out["loss_pkd_p4"].item() == pytest.approx(0.0, abs=1e-6)
-    assert "PKDLoss" in DISTILL_LOSS_REGISTRY
+    assert DISTILL_LOSS_REGISTRY.get("PKD") is PKDLoss

@@ -39,6 +39,44 @@ def add_distill_config(cfg: _D2CfgNode) -> None:
     # On a spatial-size mismatch: True resizes the student to the teacher, False the reverse.
     _C.MODEL.DISTILL.PKD.RESIZE_STUDENT = True
 
+    # MSE: plain feature imitation, mean((S - T)^2) per level (1x1 adapter if channels differ).
+    _C.MODEL.DISTILL.MSE = _D2CfgNode()
+    _C.MODEL.DISTILL.MSE.WEIGHT = 1.0
+    _C.MODEL.DISTILL.MSE.RESIZE_STUDENT = True
+
+    # FGD: focal (fg/bg, attention) and global distillation. Defaults: the RetinaNet recipe;
+    # R-CNN students 0.5, 5e-5, 2.5e-5, 5e-5, 5e-7; FCOS 0.8, 1.6e-3, 8e-4, 8e-4, 8e-6.
+    _C.MODEL.DISTILL.FGD = _D2CfgNode()
+    _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
+    _C.MODEL.DISTILL.FGD.ALPHA = 1e-3  # foreground term
+    _C.MODEL.DISTILL.FGD.BETA = 5e-4  # background term
+    _C.MODEL.DISTILL.FGD.GAMMA = 5e-4  # attention term
+    _C.MODEL.DISTILL.FGD.LAMBDA = 5e-6  # global (context block) term
+
+    # PGD: prediction-guided distillation (dense students and teachers).
+    _C.MODEL.DISTILL.PGD = _D2CfgNode()
+    _C.MODEL.DISTILL.PGD.TEMPERATURE = 0.8
+    _C.MODEL.DISTILL.PGD.ALPHA = 0.04  # fg term (0.08 for ATSS-style assignment)
+    _C.MODEL.DISTILL.PGD.BETA = 0.02  # bg term, 0.5 * ALPHA
+    _C.MODEL.DISTILL.PGD.GAMMA = 0.064  # regression term, 1.6 * ALPHA
+    _C.MODEL.DISTILL.PGD.DELTA = 8e-4  # attention terms
+    # Key predictive locations per GT over all levels (30 for FCOS/GFL, 9 for ATSS-style).
+    _C.MODEL.DISTILL.PGD.TOPK = 30
+    # Quality exponent alpha in sigmoid(score)^(1-alpha) * IoU^alpha, for the cls / reg maps.
+    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_CLS = 0.8
+    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_REG = 0.6
+    # Per-level weights of the classification-side loss, finest level first.
+    _C.MODEL.DISTILL.PGD.LEVEL_WEIGHTS = [1.0, 1.25, 1.5, 1.75, 2.0]
+
+    # RM: rank mimicking (KL between softmaxed scores over each GT's positive anchors).
+    _C.MODEL.DISTILL.RM = _D2CfgNode()
+    _C.MODEL.DISTILL.RM.WEIGHT = 4.0
+    _C.MODEL.DISTILL.RM.TEMPERATURE = 1.0
+
+    # PFI: prediction-guided feature imitation (feature MSE weighted by prediction disagreement).
+    _C.MODEL.DISTILL.PFI = _D2CfgNode()
+    _C.MODEL.DISTILL.PFI.WEIGHT = 1.5
+
 
 def add_fcos_config(cfg: _D2CfgNode) -> None:
     """Adds ``MODEL.FCOS`` keys so that FCOS (LazyConfig-only in Detectron2) builds from yacs."""

@@ -1,5 +1,11 @@
 """Distillation losses, registered in :data:`DISTILL_LOSS_REGISTRY`."""
-from .base import DISTILL_LOSS_REGISTRY, DensePredictions, DistillInputs, align_spatial
+from .base import (
+    DISTILL_LOSS_REGISTRY,
+    DensePredictions,
+    DistillInputs,
+    align_spatial,
+    register_loss,
+)
 from .pkd import PKDLoss, channel_pearson, pkd_loss
 
 __all__ = [
@@ -7,6 +13,8 @@ __all__ = [
     "DistillInputs",
     "DensePredictions",
     "align_spatial",
+    "register_loss",
+    "registered_loss_names",
     "PKDLoss",
     "pkd_loss",
     "channel_pearson",
@@ -15,12 +23,8 @@ __all__ = [
 
 
 def registered_loss_names():
-    """Names accepted in MODEL.DISTILL.LOSSES, e.g. ["PKD", ...] (class names minus "Loss")."""
-    return sorted(_name_of(k) for k, _ in DISTILL_LOSS_REGISTRY)
-
-
-def _name_of(class_name: str) -> str:
-    return class_name[: -len("Loss")] if class_name.endswith("Loss") else class_name
+    """Names accepted in MODEL.DISTILL.LOSSES, e.g. ["FGD", "MSE", "PKD", ...]."""
+    return sorted(name for name, _ in DISTILL_LOSS_REGISTRY)
 
 
 def build_distill_losses(cfg, **pairing):
@@ -33,15 +37,14 @@ def build_distill_losses(cfg, **pairing):
     Returns:
         dict {name: nn.Module}, in config order.
     """
-    by_name = {_name_of(k): v for k, v in DISTILL_LOSS_REGISTRY}
     losses = {}
     for name in cfg.MODEL.DISTILL.LOSSES:
-        if name not in by_name:
+        if name not in DISTILL_LOSS_REGISTRY:
             raise KeyError(
                 f"Unknown distillation loss '{name}' in MODEL.DISTILL.LOSSES. Registered losses: "
                 f"{registered_loss_names()}."
             )
         if name in losses:
             raise ValueError(f"Loss '{name}' is listed twice in MODEL.DISTILL.LOSSES.")
-        losses[name] = by_name[name](cfg, **pairing)
+        losses[name] = DISTILL_LOSS_REGISTRY.get(name)(cfg, **pairing)
     return losses

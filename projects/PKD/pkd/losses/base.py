@@ -8,11 +8,18 @@ from torch.nn import functional as F
 from detectron2.structures import Instances
 from detectron2.utils.registry import Registry
 
-__all__ = ["DISTILL_LOSS_REGISTRY", "DistillInputs", "DensePredictions", "align_spatial"]
+__all__ = [
+    "DISTILL_LOSS_REGISTRY",
+    "register_loss",
+    "DistillInputs",
+    "DensePredictions",
+    "align_spatial",
+]
 
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
-Distillation losses. A registered class is an ``nn.Module`` built with
+Distillation losses, registered under the names ``MODEL.DISTILL.LOSSES`` uses ("PKD", "FGD", ...)
+with :func:`register_loss`. A registered class is an ``nn.Module`` built with
 ``cls(cfg, feature_pairs=..., student_shapes=..., teacher_shapes=...)`` (``@configurable``, so it
 also builds from keyword arguments in LazyConfig). Its ``forward(inputs: DistillInputs)`` returns
 ``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attributes:
@@ -20,6 +27,17 @@ also builds from keyword arguments in LazyConfig). Its ``forward(inputs: Distill
 (:class:`DensePredictions`); ``has_adapter = True`` declares that the loss handles paired levels
 with different channel counts itself.
 """
+
+
+def register_loss(name: str):
+    """Class decorator: registers a loss in DISTILL_LOSS_REGISTRY under ``name`` (the name used in
+    MODEL.DISTILL.LOSSES and as the ``MODEL.DISTILL.<name>`` config node)."""
+
+    def deco(cls):
+        DISTILL_LOSS_REGISTRY._do_register(name, cls)
+        return cls
+
+    return deco
 
 
 @dataclass

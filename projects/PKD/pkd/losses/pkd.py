@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from detectron2.config import configurable
 
-from .base import DISTILL_LOSS_REGISTRY, DistillInputs, align_spatial
+from .base import DistillInputs, align_spatial, register_loss
 
 __all__ = ["pkd_loss", "channel_pearson", "PKDLoss"]
 
@@ -60,7 +60,7 @@ def channel_pearson(student: Tensor, teacher: Tensor) -> Tensor:
     return (cov / norm.clamp_min(1e-12)).mean()
 
 
-@DISTILL_LOSS_REGISTRY.register()
+@register_loss("PKD")
 class PKDLoss(nn.Module):
     """``loss_pkd_<level> = weight * pkd_loss(S, T)`` for every feature pair."""
 
