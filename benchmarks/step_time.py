@@ -57,9 +57,11 @@ from pkd_testing import make_batch  # noqa: E402  (the test suite's batch maker)
 RATIO_TARGET = 1.05
 # Samples per round of the two cheap kinds (one sample of each would be mostly timer noise).
 LOSS_REPEATS = 5
-# A learning rate small enough that random-weight models stay finite over all rounds; the cost
-# of an SGD step does not depend on it.
-BENCH_LR = 1e-6
+# SGD runs with learning rate 0: torch still executes the whole update (weight decay, momentum,
+# parameter add), so the step costs what a real one does, while the random-weight models stay
+# the same every round. Random R50 with FrozenBN has no pretrained statistics: its gradient norm
+# is ~1e7 and any positive rate turns the losses into NaN within a few steps.
+BENCH_LR = 0.0
 BOXES_PER_IMAGE = 3
 MEMORY_PROBE_KINDS = ("student_step", "teacher_features", "distill_step")
 PROBE_STEPS = 2

@@ -12,7 +12,6 @@ from typing import Dict
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -24,12 +23,16 @@ from detectron2.engine import (
     hooks,
 )
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.data import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
+from detectron2.data.build import _train_loader_from_config  # the sampler cfg chooses
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
+from .checkpoint import DistillCheckpointer, ResumableSampler, build_checkpointer
 from .config import get_distill_cfg
 from .data import register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
@@ -38,9 +41,12 @@ __all__ = [
     "Trainer",
     "setup",
     "main",
-    "build_checkpointer",
+    "build_resumable_train_loader",
+    "build_resumable_lazy_train_loader",
     "build_student_for_eval",
     "ddp_kwargs",
+    "lazy_train",
+    "lazy_test",
     "is_lazy_config",
 ]
 
@@ -58,21 +64,30 @@ def ddp_kwargs(device: str, **kwargs) -> Dict:
     return kwargs
 
 
-def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables):
-    """A DetectionCheckpointer whose ``"model"`` entry is the *student* (plain Detectron2 key
-    names, loads into the student's own config); trainable distillation modules are saved apart
-    under ``"distill_losses"``; the teacher is never saved."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    if isinstance(model, DistillMetaArch):
-        checkpointables["distill_losses"] = model.distill_losses
-        model = model.student
-    return DetectionCheckpointer(model, save_dir, **checkpointables)
+def build_resumable_train_loader(cfg):
+    """Detectron2's train loader for a yacs cfg, with its sampler wrapped in a
+    :class:`ResumableSampler`. Returns (loader, sampler)."""
+    kwargs = _train_loader_from_config(cfg)
+    kwargs["sampler"] = sampler = ResumableSampler(kwargs["sampler"])
+    return build_detection_train_loader(**kwargs), sampler
+
+
+def build_resumable_lazy_train_loader(train_cfg):
+    """Same for a LazyConfig ``dataloader.train`` node (``build_detection_train_loader``)."""
+    target = train_cfg._target_
+    if isinstance(target, str):
+        target = locate(target)
+    kwargs = {k: instantiate(v) for k, v in train_cfg.items() if k != "_target_"}
+    dataset = kwargs["dataset"]
+    sampler = kwargs.get("sampler") or TrainingSampler(len(dataset))
+    kwargs["sampler"] = sampler = ResumableSampler(sampler)
+    return target(**kwargs), sampler
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for distillation: student-only checkpoints, DDP that also runs on CPU
-    (gloo), and COCO evaluation."""
+    """DefaultTrainer for distillation: student-only checkpoints (pkd.checkpoint), an exact
+    ``--resume`` (data order, RNG, normalizer EMA), DDP that also runs on CPU (gloo), and COCO
+    evaluation."""
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
@@ -81,7 +96,7 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader, self.train_sampler = build_resumable_train_loader(cfg)
         model = create_ddp_model(model, **ddp_kwargs(cfg.MODEL.DEVICE, broadcast_buffers=False))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
@@ -94,6 +109,11 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        self.train_sampler.start_at(self.start_iter, per_rank)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -176,7 +196,7 @@ def lazy_train(args, cfg):
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader, train_sampler = build_resumable_lazy_train_loader(cfg.dataloader.train)
     model = create_ddp_model(model, **ddp_kwargs(cfg.train.device, **cfg.train.ddp))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
         model, train_loader, optimizer
@@ -206,6 +226,7 @@ def lazy_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    train_sampler.start_at(start_iter, cfg.dataloader.train.total_batch_size // comm.get_world_size())
     trainer.train(start_iter, cfg.train.max_iter)  # evaluates at the end (EvalHook)
     return last_results
 
@@ -222,7 +243,7 @@ def main(args) -> Dict:
     if args.eval_only:
         model = build_student_for_eval(cfg)
         weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
-        DetectionCheckpointer(model, save_dir=output_dir).resume_or_load(
+        DistillCheckpointer(model, save_dir=output_dir).resume_or_load(
             weights, resume=args.resume
         )
         results = lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)

@@ -98,6 +98,7 @@ class DistillMetaArch(nn.Module):
         feature_pairs: Optional[Sequence[Sequence[str]]] = None,
         num_levels: int = 4,
         student_input_format: str = "BGR",
+        inherit: bool = False,
     ):
         """
         Args:
@@ -107,6 +108,9 @@ class DistillMetaArch(nn.Module):
             feature_pairs: [(student_level, teacher_level), ...]; None/empty: by index.
             num_levels: with pairing by index, how many leading levels.
             student_input_format: the student's INPUT.FORMAT ("BGR"/"RGB").
+            inherit: initialise the student's FPN and head from the teacher where names and
+                shapes match (FGD/PGD recipes); the student's init checkpoint (an ImageNet
+                backbone) is loaded afterwards by the trainer.
         """
         super().__init__()
         check_student(student)
@@ -130,12 +134,39 @@ class DistillMetaArch(nn.Module):
         if self.needs_predictions:
             check_dense_student(student)
             teacher.check_dense()
+        if inherit:
+            self.inherit_from_teacher()
         for s, t in self.feature_pairs:
             if student_shapes[s].stride != teacher_shapes[t].stride:
                 logger.info(
                     f"Distilling student {s} (stride {student_shapes[s].stride}) from teacher {t} "
                     f"(stride {teacher_shapes[t].stride}): maps are resized to a common size."
                 )
+
+    @torch.no_grad()
+    def inherit_from_teacher(self) -> Tuple[List[str], List[str]]:
+        """Copies the teacher's weights into the student's FPN and head (everything but
+        ``backbone.bottom_up``) where names and shapes match.
+
+        Returns:
+            (copied, not_copied) student state names; both are logged.
+        """
+        teacher_state = self.teacher.model.state_dict()
+        copied, not_copied = [], []
+        for name, value in self.student.state_dict().items():
+            if name.startswith("backbone.bottom_up."):
+                continue
+            source = teacher_state.get(name)
+            if source is not None and source.shape == value.shape:
+                value.copy_(source)
+                copied.append(name)
+            else:
+                not_copied.append(name)
+        logger.info(
+            f"Inherited {len(copied)} student tensors from the teacher; not inherited "
+            f"({len(not_copied)}, no teacher tensor of that name and shape): {not_copied}"
+        )
+        return copied, not_copied
 
     def _check_channels(self, student_shapes, teacher_shapes) -> None:
         strict = [n for n, l in self.distill_losses.items() if not getattr(l, "has_adapter", False)]
@@ -173,6 +204,7 @@ class DistillMetaArch(nn.Module):
             "losses": losses,
             "feature_pairs": pairs,
             "student_input_format": cfg.INPUT.FORMAT,
+            "inherit": distill.INHERIT,
         }
 
     @property

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
+
+from .checkpoint import CheckpointLoadError, DistillCheckpointer
 
 __all__ = [
     "FrozenTeacher",
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 RANDOM_WEIGHTS = "random"
 
 
-class TeacherCheckpointError(RuntimeError):
+class TeacherCheckpointError(CheckpointLoadError):
     """The teacher checkpoint is missing or does not fit the teacher model."""
 
 
@@ -119,8 +120,10 @@ def _lazy_input_format(cfg) -> str:
         return "BGR"
 
 
-class _StrictCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer (zoo .pkl, Caffe2 names, URLs) that refuses a partial load."""
+class _StrictCheckpointer(DistillCheckpointer):
+    """Safe loading (zoo .pkl, Caffe2 names, URLs) that also refuses a partial load."""
+
+    weights_setting = "MODEL.DISTILL.TEACHER.WEIGHTS"
 
     def __init__(self, model: nn.Module, source: str):
         super().__init__(model)

@@ -6,6 +6,8 @@ from .base import (
     align_spatial,
     register_loss,
 )
+from .fgd import FGDDistiller, FGDLoss, fgd_attention, fgd_masks
+from .mse import MSELoss, mse_loss
 from .pkd import PKDLoss, channel_pearson, pkd_loss
 
 __all__ = [
@@ -18,6 +20,12 @@ __all__ = [
     "PKDLoss",
     "pkd_loss",
     "channel_pearson",
+    "MSELoss",
+    "mse_loss",
+    "FGDDistiller",
+    "FGDLoss",
+    "fgd_masks",
+    "fgd_attention",
     "build_distill_losses",
 ]
 

@@ -1,0 +1,233 @@
+"""Checkpoint layout and safe loading.
+
+* The ``"model"`` entry of every checkpoint training writes is the *student* alone, under the plain
+  student's key names, so ``model_final.pth`` loads into plain Detectron2 with no conversion.
+* Trainable distillation modules (adapters, FGD context blocks) are saved apart, under
+  ``"distill_losses"``; ``"resume_state"`` keeps what an exact ``--resume`` needs beyond
+  Detectron2's own entries (RNG states, the student's loss-normalizer EMA). The teacher is never
+  saved.
+* Loading never executes code from a file unless explicitly allowed: torch files are read with
+  ``weights_only=True``; Detectron2/Caffe2 ``.pkl`` files (pickled numpy arrays) are first
+  checked with an unpickler that only accepts numpy arrays and plain containers.
+"""
+import io
+import itertools
+import logging
+import os
+import pickle
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+
+__all__ = [
+    "DistillCheckpointer",
+    "CheckpointLoadError",
+    "ResumeState",
+    "ResumableSampler",
+    "build_checkpointer",
+    "UNSAFE_LOAD_ENV",
+]
+
+logger = logging.getLogger(__name__)
+
+# Set to 1 to let checkpoints run arbitrary pickled code when loaded (only for files you trust).
+UNSAFE_LOAD_ENV = "PKD_ALLOW_UNSAFE_CHECKPOINTS"
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file cannot be read, is refused, or does not fit the model."""
+
+
+def _unsafe_allowed() -> bool:
+    return os.environ.get(UNSAFE_LOAD_ENV, "") == "1"
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Accepts what Detectron2/Caffe2 model-zoo ``.pkl`` files hold: dicts, lists, numbers,
+    strings and numpy arrays. Anything else (e.g. ``os.system``) is refused, not called."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("__builtin__", "set"),
+        ("_codecs", "encode"),  # numpy arrays pickled by Python 2 store bytes this way
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise _ForbiddenGlobal(f"it references '{module}.{name}'")
+
+
+def check_pickle_is_safe(path: str) -> None:
+    """Parses a ``.pkl`` with :class:`_NumpyOnlyUnpickler`; raises CheckpointLoadError if it
+    references anything but numpy arrays and plain containers, or is unreadable."""
+    with PathManager.open(path, "rb") as f:
+        data = f.read()
+    try:
+        _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _ForbiddenGlobal as e:
+        raise CheckpointLoadError(
+            f"Refused to load '{path}': {e}. Model-zoo .pkl files only hold numpy arrays; this one "
+            f"would run code when unpickled. If you trust the file, set {UNSAFE_LOAD_ENV}=1."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a pickle at all
+        raise CheckpointLoadError(
+            f"Cannot read checkpoint '{path}' ({type(e).__name__}: {e}): the file is truncated or "
+            "corrupt. Re-download or re-save it."
+        ) from None
+
+
+class DistillCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer (model-zoo ``.pkl``, Caffe2 name matching, URLs) that loads safely,
+    explains unreadable files, and refuses a weights file that matches none of the model's keys
+    (instead of warning while training starts from random weights)."""
+
+    # The setting to fix, named in errors.
+    weights_setting = "MODEL.WEIGHTS (train.init_checkpoint in LazyConfig)"
+
+    def load(self, path, *args, **kwargs):
+        self._path_being_loaded = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._path_being_loaded = None
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl") and not _unsafe_allowed():
+            check_pickle_is_safe(filename)
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=not _unsafe_allowed())
+        except pickle.UnpicklingError as e:
+            if "weights_only" not in str(e) and "Weights only" not in str(e):
+                raise _unreadable(f, e) from None
+            raise CheckpointLoadError(
+                f"Refused to load '{f}': it contains objects other than tensors and plain data, "
+                f"and loading them would run code from the file. If you trust the file, set "
+                f"{UNSAFE_LOAD_ENV}=1. ({str(e).splitlines()[0]})"
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise _unreadable(f, e) from None
+
+    def _load_model(self, checkpoint):
+        model_keys = set(self.model.state_dict().keys())
+        file_keys = list(checkpoint["model"].keys())[:5]
+        incompatible = super()._load_model(checkpoint)
+        not_loaded = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
+        if model_keys and model_keys <= not_loaded:
+            raise CheckpointLoadError(
+                f"Checkpoint '{self._path_being_loaded}' matches none of the model's parameters "
+                f"(first keys in the file: {file_keys}; the model expects e.g. "
+                f"{sorted(model_keys)[:3]}). It is a checkpoint of another model: point "
+                f"{self.weights_setting} at weights of this model."
+            )
+        return incompatible
+
+
+def _unreadable(path, error) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        f"Cannot read checkpoint '{path}' ({type(error).__name__}: {str(error).splitlines()[0]}): "
+        "the file is truncated or corrupt. Re-download or re-save it."
+    )
+
+
+class ResumeState:
+    """Checkpointable with what Detectron2 does not save but an exact resume needs: the RNG
+    states (data augmentation, R-CNN sampling) and the dense students' loss-normalizer EMA
+    (a plain attribute of RetinaNet/FCOS, hence absent from their state_dict)."""
+
+    _EMA_ATTRIBUTES = ("loss_normalizer",)
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+
+    def state_dict(self):
+        np_state = np.random.get_state()
+        state = {
+            "python_random": random.getstate(),
+            "numpy_random": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch_random": torch.get_rng_state(),
+            "student_ema": {
+                k: float(getattr(self.student, k))
+                for k in self._EMA_ATTRIBUTES
+                if hasattr(self.student, k)
+            },
+        }
+        if torch.cuda.is_available():
+            state["cuda_random"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state) -> None:
+        for k, v in state.get("student_ema", {}).items():
+            setattr(self.student, k, v)
+        if comm.get_world_size() > 1:
+            # Only the main process's RNG was saved; other ranks keep their own seeds.
+            logger.info("Resume: RNG states are restored in single-process training only.")
+            return
+        random.setstate(_as_tuples(state["python_random"]))
+        name, keys, *rest = state["numpy_random"]
+        np.random.set_state((name, keys.numpy(), *rest))
+        torch.set_rng_state(state["torch_random"])
+        if "cuda_random" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_random"])
+
+
+def _as_tuples(x):
+    # random.setstate wants tuples; serialisation may have turned them into lists.
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class ResumableSampler(Sampler):
+    """Wraps an (infinite) training sampler; after :meth:`start_at` it skips the indices that
+    the iterations before the resume point consumed, so a resumed run sees the same data order
+    as an uninterrupted one. Skipping costs index generation only, no data loading."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self._skip = 0
+
+    def start_at(self, iteration: int, images_per_rank: int) -> None:
+        self._skip = iteration * images_per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self._skip, None)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables) -> DistillCheckpointer:
+    """The checkpointer training uses. For a DistillMetaArch (possibly in DDP) its ``"model"`` is
+    the student; ``distill_losses`` and ``resume_state`` are added as checkpointables."""
+    from .meta_arch import DistillMetaArch  # meta_arch does not need this module
+
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, DistillMetaArch):
+        checkpointables["distill_losses"] = model.distill_losses
+        model = model.student
+    checkpointables["resume_state"] = ResumeState(model)
+    return DistillCheckpointer(model, save_dir, **checkpointables)
+
