@@ -166,11 +166,28 @@ def test_teacher_checkpoint_of_another_model(tmp_path):
 
 
 def test_teacher_checkpoint_with_wrong_shapes(tmp_path):
-    teacher = load_teacher(TEACHER_YAML, "random", TINY_TEACHER_OPTS + ["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
+    teacher = load_teacher(TEACHER_YAML, "random", TINY_TEACHER_OPTS + ["MODEL.FPN.OUT_CHANNELS", "32"])
     path = str(tmp_path / "teacher5.pth")
     torch.save({"model": teacher.model.state_dict()}, path)
     with pytest.raises(TeacherCheckpointError, match="wrong shape"):
         load_teacher(TEACHER_YAML, path, TINY_TEACHER_OPTS)
+
+
+def test_teacher_parts_that_do_not_run_may_be_missing(tmp_path):
+    # PKD runs the teacher's backbone+FPN only: a backbone-only checkpoint (as converted from
+    # other frameworks) is enough; the backbone itself must be complete.
+    teacher = load_teacher(TEACHER_YAML, "random", TINY_TEACHER_OPTS)
+    state = {k: v for k, v in teacher.model.state_dict().items() if k.startswith("backbone.")}
+    path = str(tmp_path / "backbone_only.pth")
+    torch.save({"model": state}, path)
+    loaded = load_teacher(TEACHER_YAML, path, TINY_TEACHER_OPTS)
+    assert torch.equal(loaded.model.backbone.fpn_lateral2.weight, teacher.model.backbone.fpn_lateral2.weight)
+    del state["backbone.fpn_output5.weight"]
+    torch.save({"model": state}, path)
+    with pytest.raises(TeacherCheckpointError, match="backbone.fpn_output5.weight"):
+        load_teacher(TEACHER_YAML, path, TINY_TEACHER_OPTS)
+    with pytest.raises(TeacherCheckpointError, match="roi_heads"):
+        load_teacher(TEACHER_YAML, path, TINY_TEACHER_OPTS, required_parts=("backbone", "roi_heads"))
 
 
 def test_teacher_checkpoint_loads_exactly(tmp_path):

@@ -11,7 +11,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
-from .losses import DensePredictions, DistillInputs, build_distill_losses, channel_pearson
+from .losses import (
+    DISTILL_LOSS_REGISTRY,
+    DensePredictions,
+    DistillInputs,
+    build_distill_losses,
+    channel_pearson,
+)
 from .students import check_dense_student, check_student, run_student
 from .teacher import FrozenTeacher, load_teacher
 
@@ -184,11 +190,17 @@ class DistillMetaArch(nn.Module):
     def from_config(cls, cfg):
         distill = cfg.MODEL.DISTILL
         student = build_model(student_config(cfg))
+        needs_head = any(
+            getattr(DISTILL_LOSS_REGISTRY.get(name), "needs_predictions", False)
+            for name in distill.LOSSES
+            if name in DISTILL_LOSS_REGISTRY
+        )
         teacher = load_teacher(
             distill.TEACHER.CONFIG,
             distill.TEACHER.WEIGHTS,
             distill.TEACHER.OPTS,
             device=cfg.MODEL.DEVICE,
+            required_parts=("backbone", "head") if needs_head else ("backbone",),
         )
         student_shapes = student.backbone.output_shape()
         teacher_shapes = teacher.output_shape()

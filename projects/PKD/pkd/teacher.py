@@ -121,18 +121,23 @@ def _lazy_input_format(cfg) -> str:
 
 
 class _StrictCheckpointer(DistillCheckpointer):
-    """Safe loading (zoo .pkl, Caffe2 names, URLs) that also refuses a partial load."""
+    """Safe loading (zoo .pkl, Caffe2 names, URLs) that refuses a checkpoint that does not cover
+    the parts of the teacher distillation runs."""
 
     weights_setting = "MODEL.DISTILL.TEACHER.WEIGHTS"
 
-    def __init__(self, model: nn.Module, source: str):
+    def __init__(self, model: nn.Module, source: str, required_parts: Sequence[str]):
         super().__init__(model)
         self.source = source
+        self.required_prefixes = tuple(f"{p}." for p in required_parts)
 
     def _log_incompatible_keys(self, incompatible) -> None:
         problems = []
-        if incompatible.missing_keys:
-            keys = incompatible.missing_keys
+        keys = [k for k in incompatible.missing_keys if k.startswith(self.required_prefixes)]
+        unused = sorted(set(incompatible.missing_keys) - set(keys))
+        if unused:
+            logger.info(f"Teacher parts that distillation does not run stay unloaded: {unused}")
+        if keys:
             problems.append(
                 f"{len(keys)} teacher parameters/buffers are not in the checkpoint, "
                 f"e.g. {keys[:5]}"
@@ -155,8 +160,12 @@ class _StrictCheckpointer(DistillCheckpointer):
         super()._log_incompatible_keys(incompatible)  # unexpected keys: logged, harmless
 
 
-def load_teacher_weights(model: nn.Module, weights: str) -> None:
-    """Loads ``weights`` into ``model``; every parameter and buffer must be covered."""
+def load_teacher_weights(
+    model: nn.Module, weights: str, required_parts: Sequence[str] = ("backbone",)
+) -> None:
+    """Loads ``weights`` into ``model``. Every parameter and buffer of ``required_parts`` (the
+    submodules distillation runs: the backbone+FPN, and the dense head for prediction-guided
+    losses) must be in the checkpoint with the right shape; a wrong shape anywhere is an error."""
     if weights == RANDOM_WEIGHTS:
         logger.warning("Teacher keeps RANDOM weights (MODEL.DISTILL.TEACHER.WEIGHTS='random').")
         return
@@ -170,7 +179,7 @@ def load_teacher_weights(model: nn.Module, weights: str) -> None:
             f"Teacher checkpoint '{weights}' does not exist (working directory: {os.getcwd()}). "
             "Set MODEL.DISTILL.TEACHER.WEIGHTS to the teacher's trained weights."
         )
-    _StrictCheckpointer(model, weights).load(weights, checkpointables=[])
+    _StrictCheckpointer(model, weights, required_parts).load(weights, checkpointables=[])
 
 
 class FrozenTeacher(nn.Module):
@@ -180,12 +189,21 @@ class FrozenTeacher(nn.Module):
     FrozenBatchNorm2d, always in eval mode (``train(True)`` is ignored), forward under no_grad.
     """
 
-    def __init__(self, model: nn.Module, *, weights: str, input_format: str = "BGR"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weights: str,
+        input_format: str = "BGR",
+        required_parts: Sequence[str] = ("backbone",),
+    ):
         """
         Args:
             model: an untrained Detectron2 detector whose ``backbone`` returns a dict of maps.
             weights: checkpoint to load strictly, or ``"random"`` (tests only).
             input_format: the channel order the teacher was trained with ("BGR"/"RGB").
+            required_parts: submodules the checkpoint must cover: ("backbone",) for feature
+                losses, ("backbone", "head") when a loss needs the teacher's dense predictions.
         """
         super().__init__()
         if not hasattr(model, "backbone") or not hasattr(model.backbone, "output_shape"):
@@ -193,7 +211,7 @@ class FrozenTeacher(nn.Module):
                 f"Teacher {type(model).__name__} has no Detectron2 backbone with output_shape(): "
                 "a teacher must be a Detectron2 detector with an FPN-style backbone."
             )
-        load_teacher_weights(model, weights)
+        load_teacher_weights(model, weights, required_parts)
         model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
         model.requires_grad_(False)
         self.model = model
@@ -276,12 +294,19 @@ class FrozenTeacher(nn.Module):
 
 
 def load_teacher(
-    config: str, weights: str, opts: Sequence[str] = (), device: Optional[str] = None
+    config: str,
+    weights: str,
+    opts: Sequence[str] = (),
+    device: Optional[str] = None,
+    required_parts: Sequence[str] = ("backbone",),
 ) -> FrozenTeacher:
     """Builds the teacher from its own config file, loads ``weights`` strictly and freezes it.
-    Usable in LazyConfig: ``teacher=L(load_teacher)(config=..., weights=...)``."""
+    Usable in LazyConfig: ``teacher=L(load_teacher)(config=..., weights=...)``; see
+    :class:`FrozenTeacher` for ``required_parts``."""
     model, input_format = build_teacher_model(config, opts, device)
-    return FrozenTeacher(model, weights=weights, input_format=input_format)
+    return FrozenTeacher(
+        model, weights=weights, input_format=input_format, required_parts=required_parts
+    )
 
 
 def _channel_reorder(student_format: str, teacher_format: str) -> bool:
