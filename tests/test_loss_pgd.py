@@ -6,10 +6,9 @@ import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
-import pkd.losses.pgd  # noqa: F401  (registers PGD)
 from pkd.config import get_distill_cfg
 from pkd.losses import DISTILL_LOSS_REGISTRY
-from pkd.losses.pgd import (
+from pkd.losses.pgd import (  # importing the module registers "PGD"
     PGDLoss,
     gaussian_weights,
     key_location_weights,
@@ -125,7 +124,8 @@ def test_value_maps_orientation_on_a_non_square_grid(fcos):
     )
     selected = 0
     for level, (h, w) in enumerate(GRID):
-        assert cls_maps[level].shape == reg_maps[level].shape == background[level].shape == (1, h, w)
+        for maps in (cls_maps, reg_maps, background):
+            assert maps[level].shape == (1, h, w)
         for y in range(h):
             for x in range(w):
                 inside = _strictly_inside(_center(fcos, level, y, x), box)
@@ -208,8 +208,9 @@ def maps():
 
 def test_losses_zero_for_identical_maps(maps):
     s, _, value, background = maps
-    assert pgd_cls_loss(s, s.detach().clone(), value, background).item() == pytest.approx(0, abs=1e-7)
-    assert pgd_reg_loss(s, s.detach().clone(), value).item() == pytest.approx(0, abs=1e-7)
+    t = s.detach().clone()
+    assert pgd_cls_loss(s, t, value, background).item() == pytest.approx(0, abs=1e-7)
+    assert pgd_reg_loss(s, t, value).item() == pytest.approx(0, abs=1e-7)
 
 
 def test_gradients_reach_the_student_only(maps):
@@ -244,7 +245,8 @@ def test_fg_term_only_counts_key_locations(maps):
 
 def test_registered_and_configured():
     cfg = _cfg("PGD-FCOS-R18.yaml", ["MODEL.DISTILL.PGD.TOPK", "9"])
-    loss = DISTILL_LOSS_REGISTRY.get("PGD")(cfg, feature_pairs=[], student_shapes={}, teacher_shapes={})
+    pairing = dict(feature_pairs=[], student_shapes={}, teacher_shapes={})
+    loss = DISTILL_LOSS_REGISTRY.get("PGD")(cfg, **pairing)
     assert isinstance(loss, PGDLoss) and loss.needs_predictions
     assert loss.topk == 9 and loss.quality_alphas == (0.8, 0.6)
 

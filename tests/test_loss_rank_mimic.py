@@ -9,10 +9,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import pkd.losses.rank_mimic  # noqa: F401  (registers RM and PFI)
 from pkd.config import get_distill_cfg
 from pkd.losses import DISTILL_LOSS_REGISTRY, DensePredictions, DistillInputs
-from pkd.losses.rank_mimic import (
+from pkd.losses.rank_mimic import (  # registers "RM" and "PFI"
     PFILoss,
     RankMimicLoss,
     matched_gt_indices,

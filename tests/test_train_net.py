@@ -122,3 +122,16 @@ def test_missing_teacher_checkpoint_stops_training(datasets_dir, tmp_path):
     assert proc.returncode != 0
     assert "teacher.pth' does not exist" in proc.stderr
     assert not os.path.exists(tmp_path / "model_final.pth")
+
+
+def test_two_process_cpu_training(datasets_dir, tmp_path):
+    """Detectron2's launch with 2 processes on CPU (gloo): DDP over the student only."""
+    run_train_net(
+        ["--config-file", os.path.join(DEMO, "PKD-RetinaNet-R18.yaml"), "--num-gpus", "2",
+         *YACS_TINY, "SOLVER.MAX_ITER", "2", "MODEL.DISTILL.TEACHER.WEIGHTS", "random",
+         "OUTPUT_DIR", str(tmp_path)],
+        datasets_dir,
+    )
+    metrics = read_metrics(tmp_path)
+    assert "loss_pkd_p3" in metrics and "bbox/AP" in metrics
+    assert os.path.isfile(tmp_path / "model_final.pth")

@@ -11,6 +11,7 @@ from typing import Dict
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
@@ -66,22 +67,37 @@ def ddp_kwargs(device: str, **kwargs) -> Dict:
 
 def build_resumable_train_loader(cfg):
     """Detectron2's train loader for a yacs cfg, with its sampler wrapped in a
-    :class:`ResumableSampler`. Returns (loader, sampler)."""
+    :class:`ResumableSampler`.
+
+    Returns:
+        (loader, sampler); sampler is None for an IterableDataset (nothing to skip).
+    """
     kwargs = _train_loader_from_config(cfg)
-    kwargs["sampler"] = sampler = ResumableSampler(kwargs["sampler"])
+    sampler = kwargs["sampler"] = _resumable(kwargs["sampler"])
     return build_detection_train_loader(**kwargs), sampler
 
 
 def build_resumable_lazy_train_loader(train_cfg):
-    """Same for a LazyConfig ``dataloader.train`` node (``build_detection_train_loader``)."""
+    """Same for a LazyConfig ``dataloader.train`` node calling ``build_detection_train_loader``
+    (or any loader function with ``dataset`` and ``sampler`` arguments)."""
     target = train_cfg._target_
     if isinstance(target, str):
         target = locate(target)
     kwargs = {k: instantiate(v) for k, v in train_cfg.items() if k != "_target_"}
-    dataset = kwargs["dataset"]
-    sampler = kwargs.get("sampler") or TrainingSampler(len(dataset))
-    kwargs["sampler"] = sampler = ResumableSampler(sampler)
+    sampler = kwargs.get("sampler")
+    if sampler is None and not isinstance(kwargs["dataset"], IterableDataset):
+        sampler = TrainingSampler(len(kwargs["dataset"]))
+    kwargs["sampler"] = sampler = _resumable(sampler)
     return target(**kwargs), sampler
+
+
+def _resumable(sampler):
+    return ResumableSampler(sampler) if sampler is not None else None
+
+
+def _start_sampler_at(sampler, iteration: int, total_batch_size: int) -> None:
+    if sampler is not None:
+        sampler.start_at(iteration, total_batch_size // comm.get_world_size())
 
 
 class Trainer(DefaultTrainer):
@@ -112,8 +128,7 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        self.train_sampler.start_at(self.start_iter, per_rank)
+        _start_sampler_at(self.train_sampler, self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -226,7 +241,7 @@ def lazy_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    train_sampler.start_at(start_iter, cfg.dataloader.train.total_batch_size // comm.get_world_size())
+    _start_sampler_at(train_sampler, start_iter, cfg.dataloader.train.total_batch_size)
     trainer.train(start_iter, cfg.train.max_iter)  # evaluates at the end (EvalHook)
     return last_results
 

@@ -155,9 +155,10 @@ def _spatial_attention(x: Tensor, temperature: float) -> Tensor:
     return (h * w * F.softmax(logits, dim=1)).view(n, h, w)
 
 
-def _channel_attention(x: Tensor, temperature: float, dim: int = 1) -> Tensor:
-    """C * softmax over channels of |x| / temperature, separately at every location."""
-    return x.shape[dim] * F.softmax(x.abs() / temperature, dim=dim)
+def _channel_attention(x: Tensor, temperature: float) -> Tensor:
+    """(N, C, ...) -> same shape: C * softmax over channels of |x| / temperature, separately at
+    every location."""
+    return x.shape[1] * F.softmax(x.abs() / temperature, dim=1)
 
 
 def _normalize_mask(mask: Tensor) -> Tensor:
