@@ -140,6 +140,9 @@ class DistillMetaArch(nn.Module):
         if self.needs_predictions:
             check_dense_student(student)
             teacher.check_dense()
+        for loss in self.distill_losses.values():
+            if hasattr(loss, "check_models"):
+                loss.check_models(student, teacher.model)
         if inherit:
             self.inherit_from_teacher()
         for s, t in self.feature_pairs:

@@ -8,7 +8,23 @@ from .base import (
 )
 from .fgd import FGDDistiller, FGDLoss, fgd_attention, fgd_masks
 from .mse import MSELoss, mse_loss
+from .pgd import (
+    PGDLoss,
+    gaussian_weights,
+    key_location_weights,
+    pgd_cls_loss,
+    pgd_reg_loss,
+    pgd_value_maps,
+)
 from .pkd import PKDLoss, channel_pearson, pkd_loss
+from .rank_mimic import (
+    PFILoss,
+    RankMimicLoss,
+    check_same_anchors,
+    matched_gt_indices,
+    pfi_loss,
+    rank_mimic_loss,
+)
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
@@ -26,6 +42,18 @@ __all__ = [
     "FGDLoss",
     "fgd_masks",
     "fgd_attention",
+    "PGDLoss",
+    "pgd_value_maps",
+    "pgd_cls_loss",
+    "pgd_reg_loss",
+    "gaussian_weights",
+    "key_location_weights",
+    "RankMimicLoss",
+    "PFILoss",
+    "rank_mimic_loss",
+    "pfi_loss",
+    "check_same_anchors",
+    "matched_gt_indices",
     "build_distill_losses",
 ]
 

@@ -25,7 +25,8 @@ also builds from keyword arguments in LazyConfig). Its ``forward(inputs: Distill
 ``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attributes:
 ``needs_predictions = True`` asks DistillMetaArch for the dense head outputs of both models
 (:class:`DensePredictions`); ``has_adapter = True`` declares that the loss handles paired levels
-with different channel counts itself.
+with different channel counts itself; an optional ``check_models(student, teacher)`` is called at
+construction to reject incompatible detector pairs early.
 """
 
 

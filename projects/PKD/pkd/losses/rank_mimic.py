@@ -143,6 +143,7 @@ class RankMimicLoss(nn.Module):
     positive anchors, positives from the student's own label assignment (``label_anchors``)."""
 
     needs_predictions = True
+    check_models = staticmethod(check_same_anchors)
 
     @configurable
     def __init__(self, *, weight: float = 4.0, temperature: float = 1.0):
@@ -198,6 +199,7 @@ class PFILoss(nn.Module):
 
     needs_predictions = True
     has_adapter = True
+    check_models = staticmethod(check_same_anchors)
 
     @configurable
     def __init__(
