@@ -1,9 +1,11 @@
 """``make demo``: distillation end to end on the built-in dataset, on a CPU, with no download.
 
 1. build and register the demo dataset (pkd.data);
-2. train the teacher (a two-stage Faster R-CNN) once; it is cached under ``output/demo/teacher``;
+2. train each teacher the requested methods name, once; it is cached next to the weights path the
+   method's config gives (PKD, MSE, FGD: a two-stage Faster R-CNN in ``output/demo/teacher``;
+   RM-PFI, PGD: a RetinaNet-R34 in ``output/demo/retina_teacher``);
 3. train the RetinaNet student without distillation and, for the same iterations, with each
-   requested method (PKD by default);
+   requested method (``configs/Demo/<METHOD>-RetinaNet-R18.yaml``; PKD by default);
 4. evaluate everything with COCO box AP — the distilled students also from their exported
    ``model_final.pth`` by plain Detectron2 (``tools/plain_eval.py``, no ``pkd`` import) —, print one
    table and write it to ``output/demo/results.json``.
@@ -18,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 
@@ -26,7 +28,6 @@ __all__ = ["main", "run_demo"]
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 DEMO_CONFIGS = os.path.join(REPO, "configs", "Demo")
-TEACHER_CONFIG = os.path.join(DEMO_CONFIGS, "FasterRCNN-R18-teacher.yaml")
 STUDENT_CONFIG = os.path.join(DEMO_CONFIGS, "RetinaNet-R18.yaml")
 RESULTS_FILE = "eval_results.json"  # written by pkd.engine.main into OUTPUT_DIR
 
@@ -71,27 +72,42 @@ def _digest(paths: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _teacher(output_root: str, retrain: bool) -> Dict:
-    """Trains the teacher unless a checkpoint of the same config and dataset is cached."""
-    out = os.path.join(output_root, "teacher")
+def _teacher_of(method_config: str, output_root: str) -> Tuple[str, str]:
+    """(teacher config, teacher weights) that a demo distillation config names; the weights'
+    folder (e.g. ``teacher`` in ``output/demo/teacher/model_final.pth``) is put in output_root."""
+    from .config import get_distill_cfg
+
+    cfg = get_distill_cfg()
+    cfg.merge_from_file(method_config)
+    weights = cfg.MODEL.DISTILL.TEACHER.WEIGHTS
+    folder = os.path.basename(os.path.dirname(weights))
+    return cfg.MODEL.DISTILL.TEACHER.CONFIG, os.path.join(output_root, folder, os.path.basename(weights))
+
+
+def _teacher(config: str, weights: str, retrain: bool) -> Dict:
+    """Trains a teacher into ``dirname(weights)`` unless a checkpoint of the same config and
+    dataset is cached there."""
+    out = os.path.dirname(weights)
     stamp_file = os.path.join(out, "demo_stamp.json")
-    stamp = {"config": _digest([TEACHER_CONFIG, os.path.join(DEMO_CONFIGS, "Base-Demo.yaml")]),
+    stamp = {"config": _digest([config, os.path.join(DEMO_CONFIGS, "Base-Demo.yaml")]),
              "dataset": _digest([register_demo_datasets()[DEMO_TRAIN][0]])}
     cached = (
         not retrain
-        and os.path.isfile(os.path.join(out, "model_final.pth"))
+        and os.path.isfile(weights)
         and os.path.isfile(os.path.join(out, RESULTS_FILE))
         and os.path.isfile(stamp_file)
         and json.load(open(stamp_file)) == stamp
     )
+    name = os.path.basename(config)[: -len(".yaml")]
     if cached:
-        print(f"[demo] teacher: cached in {os.path.relpath(out, REPO)} (make demo RETRAIN=1 redoes it)")
+        print(f"[demo] teacher {name}: cached in {os.path.relpath(out, REPO)} "
+              "(make demo RETRAIN=1 trains it again)")
         seconds = None
     else:
-        seconds = _train(TEACHER_CONFIG, out)
+        seconds = _train(config, out)
         with open(stamp_file, "w") as f:
             json.dump(stamp, f)
-    return {"name": "teacher: Faster R-CNN R18-FPN", "seconds": seconds,
+    return {"name": f"teacher: {name}", "seconds": seconds,
             "bbox": _box_ap(os.path.join(out, RESULTS_FILE)), "output_dir": out}
 
 
@@ -106,17 +122,18 @@ def _plain_eval(weights: str, output_json: str) -> Dict[str, float]:
 def run_demo(output_root: str, methods: Sequence[str], retrain_teacher: bool = False) -> List[Dict]:
     """Runs the whole demo; returns one row per trained model."""
     register_demo_datasets()
-    rows = [_teacher(output_root, retrain_teacher)]
-    teacher_weights = os.path.join(rows[0]["output_dir"], "model_final.pth")
+    configs = {method: _method_config(method) for method in methods}
+    teachers = {method: _teacher_of(config, output_root) for method, config in configs.items()}
+    rows = [_teacher(config, weights, retrain_teacher)
+            for config, weights in dict.fromkeys(teachers.values())]
 
     out = os.path.join(output_root, "student")
     seconds = _train(STUDENT_CONFIG, out)
     rows.append({"name": "student: RetinaNet R18-FPN, no KD", "seconds": seconds,
                  "bbox": _box_ap(os.path.join(out, RESULTS_FILE)), "output_dir": out})
-    for method in methods:
+    for method, config in configs.items():
         out = os.path.join(output_root, f"student_{method.lower()}")
-        seconds = _train(_method_config(method), out,
-                         ["MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights])
+        seconds = _train(config, out, ["MODEL.DISTILL.TEACHER.WEIGHTS", teachers[method][1]])
         rows.append({"name": f"student: RetinaNet R18-FPN + {method}", "seconds": seconds,
                      "bbox": _box_ap(os.path.join(out, RESULTS_FILE)), "output_dir": out})
         weights = os.path.join(out, "model_final.pth")
