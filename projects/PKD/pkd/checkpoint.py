@@ -33,6 +33,7 @@ __all__ = [
     "ResumeState",
     "ResumableSampler",
     "build_checkpointer",
+    "load_torch_file",
     "UNSAFE_LOAD_ENV",
 ]
 
@@ -118,18 +119,7 @@ class DistillCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _torch_load(self, f):
-        try:
-            return torch.load(f, map_location="cpu", weights_only=not _unsafe_allowed())
-        except pickle.UnpicklingError as e:
-            if "weights_only" not in str(e) and "Weights only" not in str(e):
-                raise _unreadable(f, e) from None
-            raise CheckpointLoadError(
-                f"Refused to load '{f}': it contains objects other than tensors and plain data, "
-                f"and loading them would run code from the file. If you trust the file, set "
-                f"{UNSAFE_LOAD_ENV}=1. ({str(e).splitlines()[0]})"
-            ) from None
-        except (RuntimeError, EOFError, ValueError, OSError) as e:
-            raise _unreadable(f, e) from None
+        return load_torch_file(f)
 
     def _load_model(self, checkpoint):
         model_keys = set(self.model.state_dict().keys())
@@ -144,6 +134,23 @@ class DistillCheckpointer(DetectionCheckpointer):
                 f"{self.weights_setting} at weights of this model."
             )
         return incompatible
+
+
+def load_torch_file(path: str):
+    """``torch.load`` on CPU with ``weights_only=True`` (unless PKD_ALLOW_UNSAFE_CHECKPOINTS=1);
+    refused or unreadable files raise CheckpointLoadError saying why and what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not _unsafe_allowed())
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise _unreadable(path, e) from None
+        raise CheckpointLoadError(
+            f"Refused to load '{path}': it contains objects other than tensors and plain data, "
+            f"and loading them would run code from the file. If you trust the file, set "
+            f"{UNSAFE_LOAD_ENV}=1. ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise _unreadable(path, e) from None
 
 
 def _unreadable(path, error) -> CheckpointLoadError:

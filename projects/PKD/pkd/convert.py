@@ -1,35 +1,28 @@
 """Convert the published MMDetection teacher checkpoints into Detectron2 checkpoints.
 
-Every tensor is renamed by a rule (a regex per component: Swin, ResNet/ResNeXt, FPN, dense head);
-a source key no rule maps and no skip-rule covers is an error, as is a target key left unfilled, a
-converted key the target does not have, or a shape mismatch (when a target model is given).
+Every tensor is renamed by a rule (regexes per component: Swin, ResNet/ResNeXt, FPN, dense head).
+A source tensor that no rule maps and no skip-rule covers is an error; so is, against a target
+model, a target tensor left unfilled, a converted tensor the model lacks, or a shape mismatch.
+Three layouts change besides the names:
 
-Beyond renaming, three tensors change layout:
+* Swin patch merging: MMDetection gathers each 2x2 neighbourhood with ``nn.Unfold`` (merged
+  channel ``c * 4 + kh * 2 + kw``), Detectron2 (the original Swin) concatenates the sub-grids
+  (0,0), (1,0), (0,1), (1,1) (channel ``p * C + c``): ``reduction.weight`` columns and
+  ``norm.{weight,bias}`` are reordered (the inverse of MMDetection's ``swin_converter``).
+* RetinaNet ``retina_cls``/``retina_reg``: MMDetection orders a location's anchors ratio-major,
+  Detectron2 size-major; output channels are regrouped per anchor.
+* Head tower convs: MMDetection has no bias next to a norm layer; Detectron2's always has one, so
+  zeros are written (exact).
 
-* Swin patch merging: MMDetection gathers the 2x2 neighbourhood with ``nn.Unfold`` (merged
-  channel ``c * 4 + kh * 2 + kw``); Detectron2 (the original Swin) concatenates the four
-  sub-grids ``[(0,0), (1,0), (0,1), (1,1)]`` (channel ``p * C + c``). ``reduction.weight`` columns
-  and ``norm.{weight,bias}`` are reordered accordingly (the inverse of MMDetection's own
-  ``swin_converter``; the permutation [0, 2, 1, 3] is its own inverse).
-* RetinaNet ``retina_cls``/``retina_reg``: MMDetection orders a location's anchors ratio-major
-  (``ratio * num_scales + scale``), Detectron2 size-major (``size * num_ratios + ratio``); the
-  output channels are regrouped per anchor.
-* Head tower convs without a bias (MMDetection drops it next to a norm layer): Detectron2's
-  ``RetinaNetHead``/``FCOSHead`` convs always have one, so a zero bias is written (exact).
+Class order needs no change: MMDetection's COCO classes follow the annotation file's category
+order (ascending id), Detectron2's contiguous ids the sorted ids; both are sigmoid, no background.
 
-Class order needs no change: MMDetection's COCO ``CLASSES`` follow the annotation file's category
-order (ascending id) and Detectron2's contiguous ids are the sorted ids, so both use the same 80
-classes in the same order (sigmoid outputs, no background channel, in both).
-
-Known differences the weights cannot express (reported, see :class:`ConversionReport`):
-MMDetection FCOS's learned per-level ``scales`` (Detectron2's FCOSHead has none, and one shared
-conv cannot absorb per-level factors), FCOS heads trained without ``norm_on_bbox`` /
-``centerness_on_reg`` (Detectron2's FCOS assumes both), and MMDetection RetinaNet's P7 computed
-without the ReLU Detectron2's ``LastLevelP6P7`` applies. The teacher config must also match the
-MMDetection model's ResNet style (pytorch: ``RESNETS.STRIDE_IN_1X1 False``; caffe: ``True``),
-pixel mean/std and channel order.
+Not expressible in weights (errors or notes in the :class:`ConversionReport`): MMDetection FCOS's
+per-level ``scales``, FCOS heads trained without ``norm_on_bbox``/``centerness_on_reg``, and
+MMDetection RetinaNet's P7 computed without the ReLU Detectron2 applies. The teacher config must
+match the ResNet style (pytorch: ``RESNETS.STRIDE_IN_1X1 False``), pixel mean/std and format.
+DCN offsets (``conv2.conv_offset`` -> ``conv2_offset``) are mapped by name and shape only.
 """
-import functools
 import hashlib
 import math
 import os
@@ -43,17 +36,12 @@ from torch import Tensor, nn
 from detectron2.modeling.backbone.swin import WindowAttention
 from detectron2.utils.file_io import PathManager
 
-from .checkpoint import DistillCheckpointer
+from .checkpoint import load_torch_file
 from .teacher import build_teacher_model
 
 __all__ = [
-    "AUTHOR",
-    "ConversionError",
-    "ConversionReport",
-    "check_against_model",
-    "convert_mmdet_state_dict",
-    "convert_teacher",
-    "load_mmdet_checkpoint",
+    "AUTHOR", "ConversionError", "ConversionReport", "check_against_model",
+    "convert_mmdet_state_dict", "convert_teacher", "load_mmdet_checkpoint",
 ]
 
 AUTHOR = "pkd.convert_teacher"
@@ -61,14 +49,16 @@ AUTHOR = "pkd.convert_teacher"
 _B = "backbone.bottom_up."
 _NORM = r"(?:bn|gn)"  # mmcv names a norm layer by its type and position: bn1, gn1, bn, gn
 _NORM_LEAF = r"(?P<leaf>weight|bias|running_mean|running_var)"
+_CONV_MODULE = rf"(?P<i>\d+)\.(?P<kind>conv|{_NORM})\.{_NORM_LEAF}"  # i-th mmcv ConvModule
 _TOWERS = {"cls": "cls_subnet", "reg": "bbox_subnet"}
 
+# Source tensors left out on purpose, with the reason the summary gives.
 _SKIP_ALWAYS = [
-    (r".*\.num_batches_tracked", "BatchNorm step counter (FrozenBN has none; BatchNorm re-creates it)"),
-    (r"(?:rpn_head|roi_head)\..*", "R-CNN RPN/RoI heads: distillation runs only the teacher's backbone+FPN"),
+    (r".*\.num_batches_tracked", "BatchNorm step counters (FrozenBN has none)"),
+    (r"(?:rpn_head|roi_head)\..*", "R-CNN RPN/RoI heads: distillation runs backbone+FPN only"),
 ]
 _SKIP_HEAD = (r"bbox_head\..*", "dense head not requested (--with-head converts it)")
-_FCOS_SCALE = r"bbox_head\.scales\.(\d+)\.scale"
+_FCOS_SCALE = r"bbox_head\.scales\.\d+\.scale"
 
 
 class ConversionError(ValueError):
@@ -86,7 +76,8 @@ class ConversionReport:
     notes: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"Converted {len(self.converted)} tensors."]
+        counts = (len(self.converted), len(self.skipped), len(self.synthesized))
+        lines = ["Converted %d tensors, skipped %d by choice, synthesized %d." % counts]
         by_reason: Dict[str, List[str]] = {}
         for key, reason in self.skipped.items():
             by_reason.setdefault(reason, []).append(key)
@@ -112,22 +103,17 @@ def _unfold_to_concat_order(t: Tensor) -> Tensor:
     return t.transpose(-1, -2).reshape(*t.shape[:-2], 4 * c).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _d2_relative_position_index(window: int) -> Tensor:
-    return WindowAttention(dim=1, window_size=(window, window), num_heads=1).relative_position_index
-
-
 def _check_relative_position_index(t: Tensor) -> Tensor:
     """The index is a constant of the window size; refuse a checkpoint whose index differs from
     the one Detectron2's WindowAttention builds (it would mean a different bias-table layout)."""
     window = math.isqrt(t.shape[0])
-    expected = _d2_relative_position_index(window)
+    expected = WindowAttention(1, (window, window), num_heads=1).relative_position_index
     if t.shape != expected.shape or not torch.equal(t.to(expected.dtype), expected):
         raise ConversionError(
             f"Swin relative_position_index for window {window} differs from Detectron2's: the "
             "relative_position_bias_table would be read in another order."
         )
-    return expected.clone()
+    return expected
 
 
 def _swin_rules() -> List[Rule]:
@@ -138,18 +124,16 @@ def _swin_rules() -> List[Rule]:
         (r"backbone\.patch_embed\.norm\.(weight|bias)", _B + r"patch_embed.norm.\1", None),
         (block + r"(norm[12])\.(weight|bias)", to_block + r"\3.\4", None),
         (block + r"attn\.w_msa\.(qkv|proj)\.(weight|bias)", to_block + r"attn.\3.\4", None),
+        (block + r"attn\.w_msa\.(relative_position_bias_table)", to_block + r"attn.\3", None),
+        # A buffer: a constant of the window size, verified rather than trusted.
         (
-            block + r"attn\.w_msa\.relative_position_bias_table",
-            to_block + "attn.relative_position_bias_table",
-            None,
-        ),
-        (
-            block + r"attn\.w_msa\.relative_position_index",
-            to_block + "attn.relative_position_index",
+            block + r"attn\.w_msa\.(relative_position_index)",
+            to_block + r"attn.\3",
             _check_relative_position_index,
         ),
         (block + r"ffn\.layers\.0\.0\.(weight|bias)", to_block + r"mlp.fc1.\3", None),
         (block + r"ffn\.layers\.1\.(weight|bias)", to_block + r"mlp.fc2.\3", None),
+        # Patch merging belongs to stage i in both; its 4C channels are reordered.
         (
             r"backbone\.stages\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)",
             _B + r"layers.\1.downsample.\2",
@@ -164,7 +148,7 @@ def _resnet_rules() -> List[Rule]:
 
     def res(tail: str) -> Callable[[re.Match], str]:
         # MMDetection's layer1..layer4 are Detectron2's res2..res5.
-        return lambda m: f"{_B}res{int(m['layer']) + 1}.{m['block']}." + tail.format(**m.groupdict())
+        return lambda m: f"{_B}res{int(m['layer']) + 1}.{m['block']}." + tail.format_map(m)
 
     return [
         (r"backbone\.conv1\.weight", _B + "stem.conv1.weight", None),
@@ -179,7 +163,7 @@ def _resnet_rules() -> List[Rule]:
 
 
 def _conv_module(prefix: str, m: re.Match) -> str:
-    """An mmcv ConvModule's ``conv.*`` / ``bn.*``/``gn.*`` -> Detectron2 Conv2d's ``*`` / ``norm.*``."""
+    """mmcv ConvModule ``conv.*`` / ``bn.*``, ``gn.*`` -> Detectron2 Conv2d ``*`` / ``norm.*``."""
     return f"{prefix}.{'' if m['kind'] == 'conv' else 'norm.'}{m['leaf']}"
 
 
@@ -198,14 +182,12 @@ def _fpn_rules(first_level: int, num_laterals: int) -> List[Rule]:
             f"the {num_laterals} FPN outputs; this extra level/norm has no counterpart."
         )
 
-    conv_module = rf"(?P<i>\d+)\.(?P<kind>conv|{_NORM})\.{_NORM_LEAF}"
+    def lateral(m: re.Match) -> str:
+        return _conv_module(f"backbone.fpn_lateral{first_level + int(m['i'])}", m)
+
     return [
-        (
-            r"neck\.lateral_convs\." + conv_module,
-            lambda m: _conv_module(f"backbone.fpn_lateral{first_level + int(m['i'])}", m),
-            None,
-        ),
-        (r"neck\.fpn_convs\." + conv_module, output, None),
+        (r"neck\.lateral_convs\." + _CONV_MODULE, lateral, None),
+        (r"neck\.fpn_convs\." + _CONV_MODULE, output, None),
     ]
 
 
@@ -220,14 +202,11 @@ def _head_rules(norm_in_towers: bool, anchor_grid: Tuple[int, int]) -> List[Rule
         return grouped.transpose(0, 1).reshape(t.shape).contiguous()
 
     def tower(m: re.Match) -> str:
-        layer = step * int(m["i"])
-        if m["kind"] != "conv":
-            layer += 1
+        layer = step * int(m["i"]) + (m["kind"] != "conv")
         return f"head.{_TOWERS[m['t']]}.{layer}.{m['leaf']}"
 
     return [
-        (rf"bbox_head\.(?P<t>cls|reg)_convs\.(?P<i>\d+)\.(?P<kind>conv|{_NORM})\.{_NORM_LEAF}",
-         tower, None),
+        (r"bbox_head\.(?P<t>cls|reg)_convs\." + _CONV_MODULE, tower, None),
         (r"bbox_head\.retina_cls\.(weight|bias)", r"head.cls_score.\1", size_major),
         (r"bbox_head\.retina_reg\.(weight|bias)", r"head.bbox_pred.\1", size_major),
         # FCOSHead: conv_* since MMDetection 2.x's AnchorFreeHead, fcos_* before it.
@@ -245,25 +224,24 @@ def _stage_channels(state: Dict[str, Tensor]) -> List[int]:
         if m := re.fullmatch(r"backbone\.stages\.(\d+)\.blocks\.0\.norm1\.weight", key):
             swin[int(m[1])] = value.shape[0]
         elif m := re.fullmatch(r"backbone\.layer(\d)\.0\.conv(\d)\.weight", key):
-            # The last conv of a block (conv2 basic, conv3 bottleneck) gives its width.
-            if int(m[2]) > resnet.get(int(m[1]), (0, 0))[0]:
-                resnet[int(m[1])] = (int(m[2]), value.shape[0])
+            # A block's last conv (conv2 basic, conv3 bottleneck) gives the stage's width.
+            resnet[int(m[1])] = max(resnet.get(int(m[1]), (0, 0)), (int(m[2]), value.shape[0]))
     if swin:
         return [swin[i] for i in sorted(swin)]
     if resnet:
         return [resnet[i][1] for i in sorted(resnet)]
-    raise ConversionError(
-        "No MMDetection Swin (backbone.stages.*) or ResNet/ResNeXt (backbone.layer*) backbone "
-        "found in the checkpoint."
-    )
+    raise ConversionError("No MMDetection Swin or ResNet/ResNeXt backbone in the checkpoint.")
 
 
 def _fpn_layout(state: Dict[str, Tensor], first_level: Optional[int]) -> Tuple[int, int]:
     """(Detectron2 level of lateral 0, number of laterals); MMDetection's ``start_level`` is
     inferred from the lateral count (laterals end at the last stage) unless ``first_level``."""
-    in_channels = [
-        v.shape[1] for k, v in state.items() if re.fullmatch(r"neck\.lateral_convs\.\d+\.conv\.weight", k)
-    ]
+    laterals = {
+        int(m[1]): v.shape[1]
+        for k, v in state.items()
+        if (m := re.fullmatch(r"neck\.lateral_convs\.(\d+)\.conv\.weight", k))
+    }
+    in_channels = [laterals[i] for i in sorted(laterals)]
     if not in_channels:
         raise ConversionError("No MMDetection FPN (neck.lateral_convs.*) in the checkpoint.")
     stages = _stage_channels(state)
@@ -275,13 +253,6 @@ def _fpn_layout(state: Dict[str, Tensor], first_level: Optional[int]) -> Tuple[i
             f"Detectron2 level {first_stage + 2}; pass the right --fpn-first-level."
         )
     return first_stage + 2, len(in_channels)
-
-
-def _map_key(key: str, rules: Sequence[Rule]) -> Optional[Tuple[str, Optional[Callable]]]:
-    for pattern, target, transform in rules:
-        if m := re.fullmatch(pattern, key):
-            return (target(m) if callable(target) else m.expand(target)), transform
-    return None
 
 
 def convert_mmdet_state_dict(
@@ -310,33 +281,31 @@ def convert_mmdet_state_dict(
     rules = _swin_rules() + _resnet_rules() + _fpn_rules(*_fpn_layout(state, fpn_first_level))
     skips = list(_SKIP_ALWAYS)
     if with_head:
-        rules += _head_rules(_has_key(state, rf"bbox_head\.cls_convs\.\d+\.{_NORM}\..*"), anchor_grid)
         _check_dense_head(state, anchor_grid)
-        _handle_fcos_scales(state, drop_fcos_scales, report)
+        norm_in_towers = _has_key(state, rf"bbox_head\.cls_convs\.\d+\.{_NORM}\..*")
+        rules += _head_rules(norm_in_towers, anchor_grid)
+        skips += _fcos_scales_skip(state, drop_fcos_scales, report)
     else:
         skips.append(_SKIP_HEAD)
 
     weights, unknown = {}, []
     for key, value in state.items():
-        if key in report.skipped:
-            continue
         reason = next((r for pattern, r in skips if re.fullmatch(pattern, key)), None)
         if reason is not None:
             report.skipped[key] = reason
             continue
-        mapped = _map_key(key, rules)
-        if mapped is None:
+        for pattern, target, transform in rules:  # the first matching rule applies
+            if m := re.fullmatch(pattern, key):
+                target = target(m) if callable(target) else m.expand(target)
+                weights[target] = transform(value) if transform else value
+                report.converted[target] = key
+                break
+        else:
             unknown.append(key)
-            continue
-        target, transform = mapped
-        if target in weights:
-            raise ConversionError(f"'{key}' and '{report.converted[target]}' both map to '{target}'.")
-        weights[target] = transform(value) if transform else value
-        report.converted[target] = key
     if unknown:
         raise ConversionError(
-            f"{len(unknown)} source tensors match no conversion rule: {unknown[:10]}. They would be "
-            "silently lost; this checkpoint is not one of the supported MMDetection teachers "
+            f"{len(unknown)} source tensors match no conversion rule: {unknown[:10]}. They would "
+            "be silently lost; this checkpoint is not one of the supported MMDetection teachers "
             "(Swin / ResNet / ResNeXt + FPN, RetinaNet / FCOS heads)."
         )
     _add_zero_biases(weights, report)
@@ -367,24 +336,23 @@ def _check_dense_head(state: Dict[str, Tensor], anchor_grid: Tuple[int, int]) ->
         )
 
 
-def _handle_fcos_scales(state: Dict[str, Tensor], drop: bool, report: ConversionReport) -> None:
-    scales = {k: float(v) for k, v in state.items() if re.fullmatch(_FCOS_SCALE, k)}
-    if not scales:
-        return
-    values = [round(v, 4) for v in scales.values()]
+def _fcos_scales_skip(state: Dict[str, Tensor], drop: bool, report: ConversionReport) -> list:
+    """MMDetection FCOS's learned per-level ``scales``: an error, or skip rules with ``drop``."""
+    values = [round(float(v), 4) for k, v in state.items() if re.fullmatch(_FCOS_SCALE, k)]
+    if not values:
+        return []
     if not drop:
         raise ConversionError(
             f"MMDetection FCOS multiplies each level's box regression by a learned scale {values}; "
-            "Detectron2's FCOSHead has no such scales and its shared bbox_pred conv cannot absorb "
+            "Detectron2's FCOSHead has none, and its shared bbox_pred conv cannot absorb "
             "per-level factors. Pass --drop-fcos-scales to convert anyway (teacher box "
             "predictions then differ by these factors), or convert without --with-head."
         )
-    for key in scales:
-        report.skipped[key] = "FCOS per-level scales: no Detectron2 counterpart (--drop-fcos-scales)"
     report.notes.append(
-        f"FCOS scales {values} dropped; the converted head is exact only for an MMDetection FCOS "
-        "trained with norm_on_bbox=True and centerness_on_reg=True and unit scales."
+        f"FCOS scales {values} dropped; the head is exact only for an MMDetection FCOS trained "
+        "with norm_on_bbox=True, centerness_on_reg=True and scales of 1."
     )
+    return [(_FCOS_SCALE, "FCOS per-level scales: no Detectron2 counterpart (--drop-fcos-scales)")]
 
 
 def _add_zero_biases(weights: Dict[str, Tensor], report: ConversionReport) -> None:
@@ -405,24 +373,26 @@ def check_against_model(
     ``num_batches_tracked`` counters are exempt (PyTorch re-creates them when absent)."""
     target = model.state_dict()
     prefixes = tuple(f"{p}." for p in parts)
-    problems = []
     unused = [k for k in weights if k not in target]
-    if unused:
-        problems.append(f"{len(unused)} converted tensors are not in the model, e.g. {unused[:5]}")
     unfilled = [
         k
         for k in target
         if k.startswith(prefixes) and k not in weights and not k.endswith("num_batches_tracked")
     ]
-    if unfilled:
-        problems.append(f"{len(unfilled)} model tensors are left unfilled, e.g. {unfilled[:5]}")
     shapes = [
         f"{k}: converted {tuple(v.shape)} vs model {tuple(target[k].shape)}"
         for k, v in weights.items()
         if k in target and v.shape != target[k].shape
     ]
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:5]}")
+    problems = [
+        f"{len(keys)} {what}, e.g. {keys[:5]}"
+        for keys, what in [
+            (unused, "converted tensors are not in the model"),
+            (unfilled, "model tensors are left unfilled"),
+            (shapes, "shape mismatches"),
+        ]
+        if keys
+    ]
     if problems:
         raise ConversionError(
             "The converted checkpoint does not fit the teacher model: " + "; ".join(problems)
@@ -439,7 +409,7 @@ def load_mmdet_checkpoint(path: str) -> Tuple[Dict[str, Tensor], str]:
     with open(local, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha256.update(chunk)
-    loaded = DistillCheckpointer(nn.Module())._torch_load(local)
+    loaded = load_torch_file(local)
     state = loaded.get("state_dict") if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
