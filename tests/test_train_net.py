@@ -92,6 +92,17 @@ def test_yacs_eval_only_never_touches_the_teacher(yacs_run, datasets_dir, tmp_pa
     assert read_ap(tmp_path) == read_ap(yacs_run)
 
 
+def test_plain_student_config_evaluates_the_distilled_checkpoint(yacs_run, datasets_dir, tmp_path):
+    # The exported student in its own (non-distillation) config: the same detections and AP.
+    run_train_net(
+        ["--config-file", os.path.join(DEMO, "RetinaNet-R18.yaml"), "--eval-only", *YACS_TINY,
+         "MODEL.WEIGHTS", str(yacs_run / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)],
+        datasets_dir,
+    )
+    assert read_detections(tmp_path) == read_detections(yacs_run)
+    assert read_ap(tmp_path) == read_ap(yacs_run)
+
+
 def test_lazy_train_and_eval(datasets_dir, tmp_path):
     run_train_net(
         ["--config-file", os.path.join(DEMO, "PKD-RetinaNet-R18.py"), *LAZY_TINY,

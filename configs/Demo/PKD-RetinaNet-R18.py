@@ -4,6 +4,7 @@ PKD from the Faster R-CNN R18 teacher (a yacs teacher config is fine in a LazyCo
   tools/train_net.py --config-file configs/Demo/PKD-RetinaNet-R18.py train.max_iter=100
 """
 import os
+from collections import OrderedDict
 
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -45,7 +46,8 @@ model = L(DistillMetaArch)(
         weights="output/demo/teacher/model_final.pth",
         device="${...train.device}",
     ),
-    losses={"PKD": L(PKDLoss)(weight=6.0, resize_student=True)},
+    # instantiate() does not descend into plain dicts: build the mapping with L(OrderedDict)
+    losses=L(OrderedDict)(PKD=L(PKDLoss)(weight=6.0, resize_student=True)),
     num_levels=4,  # student p3..p6 <-> teacher p2..p5
     student_input_format="${..dataloader.train.mapper.image_format}",
 )

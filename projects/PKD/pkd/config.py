@@ -1,9 +1,11 @@
-"""yacs config keys of Detectron2-PKD (``MODEL.DISTILL.*``, ``MODEL.FCOS.*``) and the config node
-that resolves a teacher config path relative to the file that names it."""
+"""yacs config keys of Detectron2-PKD (``MODEL.DISTILL.*``, ``MODEL.FCOS.*``, ``MODEL.SWIN.*``) and
+the config node that resolves a teacher config path relative to the file that names it."""
 import os
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg
+
+from .modeling.swin import add_swin_config
 
 __all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "DistillCfgNode"]
 
@@ -122,8 +124,9 @@ class DistillCfgNode(_D2CfgNode):
 
 
 def get_distill_cfg() -> DistillCfgNode:
-    """Detectron2's default config with the distillation and FCOS keys added."""
+    """Detectron2's default config with the distillation, FCOS and Swin keys added."""
     cfg = get_cfg()
     add_distill_config(cfg)
     add_fcos_config(cfg)
+    add_swin_config(cfg)
     return DistillCfgNode(cfg)
