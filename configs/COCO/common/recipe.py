@@ -6,10 +6,10 @@ schedules, the students' ImageNet init, and optional gradient clipping.
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2 import model_zoo
-from detectron2.config import CfgNode
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
-from detectron2.solver.build import maybe_add_gradient_clipping
+
+from pkd.solver import ClippedSGD
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False
@@ -45,20 +45,8 @@ def lr_schedule(num_x: int):
 
 
 def clip_gradients(optimizer, max_norm: float) -> None:
-    """Gradient clipping for a LazyConfig optimizer, which Detectron2's LazyConfig has no option
-    for: swaps ``optimizer._target_`` for the clipping subclass that Detectron2's yacs
-    ``SOLVER.CLIP_GRADIENTS`` (``CLIP_TYPE: norm``) builds, so both config kinds clip alike: each
-    parameter's gradient to L2 norm ``max_norm``. The optimizer's arguments are unchanged."""
-    clip = CfgNode(
-        {
-            "SOLVER": {
-                "CLIP_GRADIENTS": {
-                    "ENABLED": True,
-                    "CLIP_TYPE": "norm",
-                    "CLIP_VALUE": max_norm,
-                    "NORM_TYPE": 2.0,
-                }
-            }
-        }
-    )
-    optimizer._target_ = maybe_add_gradient_clipping(clip, optimizer._target_)
+    """Clips the joint gradient norm of all parameters at ``max_norm`` before each step, as the
+    FGD/PGD recipes (MMDetection ``grad_clip=dict(max_norm=35)``) do: the yacs twins use
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"``; both go through pkd.solver.ClippedSGD."""
+    optimizer._target_ = ClippedSGD
+    optimizer.max_grad_norm = max_norm

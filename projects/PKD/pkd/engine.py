@@ -37,6 +37,7 @@ from .checkpoint import DistillCheckpointer, ResumableSampler, build_checkpointe
 from .config import get_distill_cfg
 from .data import register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
+from .solver import build_optimizer
 
 __all__ = [
     "Trainer",
@@ -125,6 +126,10 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
