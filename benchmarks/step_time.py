@@ -55,15 +55,16 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from pkd_testing import make_batch  # noqa: E402  (the test suite's batch maker)
 
 RATIO_TARGET = 1.05
-# Samples per round of the two cheap kinds (one sample of each would be mostly timer noise).
-LOSS_REPEATS = 5
 # SGD runs with learning rate 0: torch still executes the whole update (weight decay, momentum,
 # parameter add), so the step costs what a real one does, while the random-weight models stay
 # the same every round. Random R50 with FrozenBN has no pretrained statistics: its gradient norm
 # is ~1e7 and any positive rate turns the losses into NaN within a few steps.
 BENCH_LR = 0.0
 BOXES_PER_IMAGE = 3
-MEMORY_PROBE_KINDS = ("student_step", "teacher_features", "distill_step")
+# A kind whose slowest sample exceeds its fastest by this factor marks the run as noisy.
+NOISE_SPREAD = 1.15
+NOISE_CHECKED = ("student_step", "teacher_features", "distill_step")
+MEMORY_PROBE_KINDS = ("student_step", "teacher", "distill_step")
 PROBE_STEPS = 2
 PROBE_TAG = "MEMORY_PROBE "
 MiB = 1024.0 * 1024.0
@@ -204,17 +205,16 @@ class Workload:
         model = self.distill
         with torch.no_grad():
             outputs = run_student(model.student, self.batch)
-            teacher_maps = model.teacher.features(self._teacher_images())
+            images = model.teacher.preprocess(
+                self.batch, model.student_input_format, self.padded_size
+            )
+            teacher_maps = model.teacher.features(images)
         pairs = model.feature_pairs
         return (
             [s for s, _ in pairs],
             [outputs.features[s].detach() for s, _ in pairs],
             [teacher_maps[t].detach() for _, t in pairs],
         )
-
-    def _teacher_images(self) -> torch.Tensor:
-        model = self.distill
-        return model.teacher.preprocess(self.batch, model.student_input_format, self.padded_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +257,8 @@ def teacher_forward(work: Workload) -> Runner:
         middle = time.perf_counter()
         teacher.features(images)
         sync(work.device)
-        return {"teacher_preprocess": middle - start, "teacher_features": time.perf_counter() - middle}
+        end = time.perf_counter()
+        return {"teacher_preprocess": middle - start, "teacher_features": end - middle}
 
     return run
 
@@ -294,37 +295,27 @@ def pcc_diagnostic(work: Workload) -> Runner:
     return run
 
 
-def build_runners(work: Workload) -> Dict[str, Tuple[Runner, int]]:
-    """{kind: (runner, calls per round)}, in the order a round runs them."""
-    return {
-        "student_step": (train_step(work, work.student, work.student_optimizer, "student_step"), 1),
-        "teacher": (teacher_forward(work), 1),
-        "distill_step": (train_step(work, work.distill, work.distill_optimizer, "distill_step"), 1),
-        "pkd_loss": (pkd_loss_step(work), LOSS_REPEATS),
-        "pcc": (pcc_diagnostic(work), LOSS_REPEATS),
-    }
-
-
-def runner_for(work: Workload, kind: str) -> Runner:
-    """The runner a memory probe of ``kind`` exercises (builds only what it needs)."""
-    if kind == "student_step":
-        return train_step(work, work.student, work.student_optimizer, kind)
-    if kind == "teacher_features":
-        return teacher_forward(work)
-    if kind == "distill_step":
-        return train_step(work, work.distill, work.distill_optimizer, kind)
-    raise ValueError(f"Unknown memory probe kind {kind!r}; one of {MEMORY_PROBE_KINDS}.")
+# Each kind's runner factory, in the order a round runs them.
+KINDS: Dict[str, Callable[[Workload], Runner]] = {
+    "student_step": lambda w: train_step(w, w.student, w.student_optimizer, "student_step"),
+    "teacher": teacher_forward,
+    "distill_step": lambda w: train_step(w, w.distill, w.distill_optimizer, "distill_step"),
+    "pkd_loss": pkd_loss_step,
+    "pcc": pcc_diagnostic,
+}
+# Samples per round of the two cheap kinds (one sample of each would be mostly timer noise).
+CALLS_PER_ROUND = {"pkd_loss": 5, "pcc": 5}
 
 
 def run_rounds(
-    runners: Dict[str, Tuple[Runner, int]], rounds: int, warmup: int, log: bool = True
+    runners: Dict[str, Runner], rounds: int, warmup: int, log: bool = True
 ) -> Dict[str, List[float]]:
     """Warm-up rounds (discarded), then ``rounds`` interleaved rounds; returns the raw samples."""
     samples: Dict[str, List[float]] = {}
     for r in range(-warmup, rounds):
         started = time.perf_counter()
-        for runner, calls in runners.values():
-            for _ in range(calls):
+        for kind, runner in runners.items():
+            for _ in range(CALLS_PER_ROUND.get(kind, 1)):
                 for name, seconds in runner().items():
                     if r >= 0:
                         samples.setdefault(name, []).append(seconds)
@@ -391,7 +382,7 @@ def memory_probe(args) -> Dict[str, object]:
     not used when VmHWM exists: after fork+exec it also carries the *parent's* RSS at fork
     time, which hides the steps' own peak whenever the parent is the larger process."""
     work = make_workload(args)
-    runner = runner_for(work, args.memory_probe)
+    runner = KINDS[args.memory_probe](work)
     work.batch  # built before the baseline is taken
     _release_free_heap()
     reset = _reset_peak_rss()
@@ -423,6 +414,7 @@ def cpu_peaks_mb(args) -> Dict[str, Dict[str, object]]:
             sys.executable, os.path.abspath(__file__), "--memory-probe", kind,
             "--preset", args.preset, "--device", "cpu", "--seed", str(args.seed),
             "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
+            "--threads", str(torch.get_num_threads()),
         ]  # fmt: skip
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith(PROBE_TAG)]
@@ -435,11 +427,7 @@ def cpu_peaks_mb(args) -> Dict[str, Dict[str, object]]:
 def measure_memory(args, work: Workload, runners) -> Dict[str, Dict[str, object]]:
     """{kind: {"peak_mb": ..., ...}} for the student step, teacher forward and distill step."""
     if work.device.startswith("cuda"):
-        return {
-            "student_step": {"peak_mb": cuda_peak_mb(runners["student_step"][0])},
-            "teacher_features": {"peak_mb": cuda_peak_mb(runners["teacher"][0])},
-            "distill_step": {"peak_mb": cuda_peak_mb(runners["distill_step"][0])},
-        }
+        return {k: {"peak_mb": cuda_peak_mb(runners[k])} for k in MEMORY_PROBE_KINDS}
     return cpu_peaks_mb(args)
 
 
@@ -451,18 +439,23 @@ def measure_memory(args, work: Workload, runners) -> Dict[str, Dict[str, object]
 def summarize(samples: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
     """Median and min of every kind's samples."""
     return {
-        k: {"median": statistics.median(v), "min": min(v), "n": len(v)} for k, v in samples.items()
+        k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+        for k, v in samples.items()
     }
 
 
-def derived_numbers(medians: Dict[str, float]) -> Dict[str, float]:
-    """The ratio to the physical limit, the loss/diagnostic shares, and the part of the distill
-    step not explained by its measured components."""
+def derived_numbers(stats: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """The ratio to the physical limit (of the medians; of the minima as a check that is robust
+    to load from other processes), the loss/diagnostic shares, and the part of the distill step
+    not explained by its measured components."""
+    medians = {k: v["median"] for k, v in stats.items()}
     distill = medians["distill_step"]
     limit = medians["student_step"] + medians["teacher_features"]
     parts = limit + medians["teacher_preprocess"] + medians["pkd_loss"] + medians["pcc"]
+    mins = {k: v["min"] for k, v in stats.items()}
     return {
         "ratio": distill / limit,
+        "ratio_of_minima": mins["distill_step"] / (mins["student_step"] + mins["teacher_features"]),
         "ratio_with_preprocess": distill / (limit + medians["teacher_preprocess"]),
         "pkd_loss_share": medians["pkd_loss"] / distill,
         "pcc_share": medians["pcc"] / distill,
@@ -475,7 +468,7 @@ def derived_numbers(medians: Dict[str, float]) -> Dict[str, float]:
 ROWS = (
     ("student_step", "student step (fwd+bwd+SGD)", "student_step"),
     ("teacher_preprocess", "teacher preprocess", None),
-    ("teacher_features", "teacher backbone+FPN (no_grad)", "teacher_features"),
+    ("teacher_features", "teacher backbone+FPN (no_grad)", "teacher"),
     ("distill_step", "DistillMetaArch+PKD step", "distill_step"),
     ("pkd_loss", "PKD loss fwd+bwd (all pairs)", None),
     ("pcc", "kd/pcc diagnostic (all pairs)", None),
@@ -503,17 +496,25 @@ def format_report(result: Dict) -> str:
     lines += [
         f"ratio distill_step / (student_step + teacher_features) = {d['ratio']:.3f} "
         f"(limit 1.0, target <= {RATIO_TARGET}: {verdict})",
-        f"  with teacher preprocess in the denominator: {d['ratio_with_preprocess']:.3f}",
+        f"  with teacher preprocess in the denominator: {d['ratio_with_preprocess']:.3f}; "
+        f"ratio of the minima: {d['ratio_of_minima']:.3f}",
         f"share of distill_step: PKD loss {100 * d['pkd_loss_share']:.2f} %, "
         f"kd/pcc {100 * d['pcc_share']:.2f} %, "
         f"teacher preprocess {100 * d['teacher_preprocess_share']:.2f} %",
         f"distill_step minus all measured parts: {d['unexplained_s']:+.4f} s "
         f"({100 * d['unexplained_share']:+.2f} %)",
     ]
+    noisy = [k for k in NOISE_CHECKED if stats[k]["max"] > NOISE_SPREAD * stats[k]["min"]]
+    if noisy:
+        lines.append(
+            f"WARNING: samples of {noisy} spread by more than {NOISE_SPREAD:.2f}x (max/min): the "
+            "machine was busy; rerun on an idle machine or with more --rounds."
+        )
     return "\n".join(lines)
 
 
 def environment() -> Dict[str, object]:
+    """Date, versions and threads: what a timing depends on besides the code."""
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -546,7 +547,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--width", type=int, help="image width (default: the preset's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="output (default: benchmarks/results/step_time_<preset>.json)")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
+    )
+    parser.add_argument("--json", help="default: benchmarks/results/step_time_<preset>.json")
     parser.add_argument("--skip-memory", action="store_true", help="timings only")
     parser.add_argument("--memory-probe", choices=MEMORY_PROBE_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -555,13 +559,16 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.height = args.height or preset.height
     args.width = args.width or preset.width
     args.device = resolve_device(args.device)
-    args.json = args.json or os.path.join(REPO, "benchmarks", "results", f"step_time_{args.preset}.json")
+    default_json = os.path.join(REPO, "benchmarks", "results", f"step_time_{args.preset}.json")
+    args.json = args.json or default_json
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be >= 1 and --warmup >= 0")
     return args
 
 
 def make_workload(args) -> Workload:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = build_cfg(PRESETS[args.preset], args.device)
     return Workload(cfg, args.batch, args.height, args.width, args.seed)
 
@@ -571,14 +578,14 @@ def benchmark(args) -> Dict:
     load_before = os.getloadavg()[0]
     work = make_workload(args)
     with EventStorage(0):
-        runners = build_runners(work)
+        runners = {kind: make(work) for kind, make in KINDS.items()}
         print(f"Benchmarking preset {args.preset} on {args.device} ...", file=sys.stderr)
         samples = run_rounds(runners, args.rounds, args.warmup)
         memory = {} if args.skip_memory else measure_memory(args, work, runners)
     stats = summarize(samples)
     medians = {k: v["median"] for k, v in stats.items()}
-    derived = derived_numbers(medians)
-    levels, student_maps, teacher_maps = work.paired_features
+    derived = derived_numbers(stats)
+    _, student_maps, teacher_maps = work.paired_features
     return {
         "preset": args.preset,
         "device": args.device,
@@ -591,12 +598,12 @@ def benchmark(args) -> Dict:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "seed": args.seed,
-        "loss_repeats_per_round": LOSS_REPEATS,
+        "calls_per_round": {k: CALLS_PER_ROUND.get(k, 1) for k in KINDS},
         "student_config": PRESETS[args.preset].student_config,
         "teacher_config": work.cfg.MODEL.DISTILL.TEACHER.CONFIG,
         "feature_pairs": [
-            {"student": s, "teacher": t, "student_shape": list(a.shape), "teacher_shape": list(b.shape)}
-            for s, (_, t), a, b in zip(levels, work.distill.feature_pairs, student_maps, teacher_maps)
+            {"student": s, "teacher": t, "shapes": [list(a.shape), list(b.shape)]}
+            for (s, t), a, b in zip(work.distill.feature_pairs, student_maps, teacher_maps)
         ],
         "timings": samples,
         "stats": stats,

@@ -3,6 +3,7 @@ from typing import Dict, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from detectron2.config import configurable
 
@@ -39,7 +40,10 @@ def pkd_loss(student: Tensor, teacher: Tensor, *, resize_student: bool = True) -
             f"teacher {tuple(teacher.shape)}; PKD has no adapter: pair levels with equal channels."
         )
     student, teacher = align_spatial(student.float(), teacher.detach().float(), resize_student)
-    return (_normalize_per_channel(student) - _normalize_per_channel(teacher)).square().mean() / 2
+    with torch.no_grad():  # the target: normalised in place, no autograd buffers kept
+        std, mean = torch.std_mean(teacher, dim=(0, 2, 3), keepdim=True, correction=1)
+        teacher_hat = (teacher - mean).div_(std + _EPS)
+    return F.mse_loss(_normalize_per_channel(student), teacher_hat) / 2
 
 
 @torch.no_grad()
