@@ -178,6 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         f"  .venv/bin/python tools/train_net.py --config-file configs/Demo/RetinaNet-R18.yaml "
         f"--eval-only MODEL.WEIGHTS {rel}/student_pkd/model_final.pth   # the student alone\n"
         "  .venv/bin/tensorboard --logdir output/demo   # loss_pkd_* and kd/pcc_* curves\n"
-        "  COCO: see README.md, 'Training on COCO'"
+        "  COCO recipes: README.md, 'The published COCO recipes'"
     )
     return rows

@@ -240,11 +240,13 @@ class DistillMetaArch(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
 
-        outputs = run_student(self.student, batched_inputs, self.needs_predictions)
-        teacher_images = self.teacher.preprocess(
-            batched_inputs, self.student_input_format, tuple(outputs.images.shape[-2:])
+        # The teacher runs first: its no_grad intermediates are freed before the student's
+        # forward builds the activations it keeps for backward, which lowers peak memory.
+        padded_size = tuple(self.student.preprocess_image(batched_inputs).tensor.shape[-2:])
+        teacher_features = self.teacher.features(
+            self.teacher.preprocess(batched_inputs, self.student_input_format, padded_size)
         )
-        teacher_features = self.teacher.features(teacher_images)
+        outputs = run_student(self.student, batched_inputs, self.needs_predictions)
         inputs = DistillInputs(
             levels=[s for s, _ in self.feature_pairs],
             student_features=[outputs.features[s] for s, _ in self.feature_pairs],

@@ -217,6 +217,7 @@ class FrozenTeacher(nn.Module):
         self.model = model
         self.input_format = input_format
         self.weights = weights
+        self.required_parts = tuple(required_parts)
         super().train(False)
 
     def train(self, mode: bool = True):
@@ -273,7 +274,15 @@ class FrozenTeacher(nn.Module):
         return self.model.backbone(images)
 
     def check_dense(self) -> None:
-        """Raises unless the teacher has a dense head (RetinaNet, FCOS, ...)."""
+        """Raises unless the teacher has a dense head (RetinaNet, FCOS, ...) loaded from its
+        checkpoint."""
+        if self.weights != RANDOM_WEIGHTS and "head" not in self.required_parts:
+            raise ValueError(
+                "A prediction-guided loss runs the teacher's dense head, but the teacher was "
+                f"loaded with required_parts={self.required_parts}, so its head may be untrained. "
+                "Load it with required_parts=('backbone', 'head') (LazyConfig: "
+                "L(load_teacher)(..., required_parts=['backbone', 'head']))."
+            )
         if not isinstance(self.model, DenseDetector):
             raise TypeError(
                 f"The teacher is a {type(self.model).__name__}, which has no dense head: "
