@@ -14,7 +14,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import EventStorage
 
 from pkd.checkpoint import UNSAFE_LOAD_ENV, CheckpointLoadError, DistillCheckpointer, build_checkpointer
 from pkd.data import DEMO_CLASSES, build_demo_dataset

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from detectron2.engine import DefaultTrainer
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from pkd.meta_arch import DistillMetaArch, student_config
+from pkd.meta_arch import student_config
 from pkd.teacher import FrozenTeacher, TeacherCheckpointError, load_teacher
 
 from pkd_testing import TEACHER_YAML, TINY_INPUT, TINY_TEACHER_OPTS, build_seeded, distill_cfg, make_batch

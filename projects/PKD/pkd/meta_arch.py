@@ -4,7 +4,7 @@ import logging
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec

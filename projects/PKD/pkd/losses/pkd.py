@@ -1,5 +1,5 @@
 """PKD: feature imitation through the Pearson correlation coefficient (arXiv 2207.02039)."""
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
