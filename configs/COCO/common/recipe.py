@@ -16,6 +16,8 @@ dataloader.train.mapper.use_instance_mask = False
 # Single-scale 800 px training, as in the published (MMDetection) recipes.
 dataloader.train.mapper.augmentations[0].short_edge_length = (800,)
 dataloader.train.total_batch_size = 16  # 2 images x 8 GPUs
+# predictions and COCO results next to the checkpoints, as the yacs trainer writes them
+dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 
 # SGD, momentum 0.9, weight decay 1e-4 (none on norm layers, as the yacs configs); the configs set
 # lr: 0.01 for one-stage students, 0.02 for R-CNN ones.

@@ -4,7 +4,7 @@ RetinaNet-R18 student trained from scratch (GN everywhere), the pkd_demo data, t
 import os
 from collections import OrderedDict
 
-from fvcore.common.param_scheduler import MultiStepParamScheduler
+from fvcore.common.param_scheduler import CompositeParamScheduler, ConstantParamScheduler
 
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
@@ -74,6 +74,8 @@ dataloader.test.dataset.names = DEMO_VAL
 dataloader.test.mapper.augmentations[0].short_edge_length = 128
 dataloader.test.mapper.augmentations[0].max_size = 192
 dataloader.test.num_workers = 1
+# predictions and COCO results next to the checkpoints, as the yacs trainer writes them
+dataloader.evaluator.output_dir = "${...train.output_dir}/inference/" + DEMO_VAL
 
 optimizer = model_zoo.get_config("common/optim.py").SGD
 optimizer.lr = 0.02
@@ -84,10 +86,14 @@ train.max_iter = MAX_ITER
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 100000
 
+# As the yacs configs at MAX_ITER (x0.1 at 110 and 140, 50 warm-up iterations), expressed in
+# fractions of train.max_iter so that overriding train.max_iter scales the schedule.
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[110, 140], num_updates="${train.max_iter}"
+    scheduler=L(CompositeParamScheduler)(
+        schedulers=[L(ConstantParamScheduler)(value=v) for v in (1.0, 0.1, 0.01)],
+        lengths=[110 / MAX_ITER, 30 / MAX_ITER, 10 / MAX_ITER],
+        interval_scaling=["rescaled"] * 3,
     ),
-    warmup_length=50 / MAX_ITER,  # a fraction of train.max_iter
+    warmup_length=50 / MAX_ITER,
     warmup_factor=0.001,
 )

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -145,7 +145,7 @@ class Trainer(DefaultTrainer):
 def build_student_for_eval(cfg) -> nn.Module:
     """The model ``--eval-only`` evaluates: the student alone (the teacher is neither built nor
     loaded). ``cfg`` is a yacs CfgNode or a LazyConfig."""
-    if isinstance(cfg, dict) and "model" in cfg:  # LazyConfig
+    if not isinstance(cfg, CfgNode):  # LazyConfig
         model_cfg = cfg.model
         target = model_cfg._target_
         if isinstance(target, str):
