@@ -6,7 +6,6 @@ loaded here), teachers keep random weights ("random") and are shrunk through the
 mechanism (MODEL.DISTILL.TEACHER.OPTS, the lazy ``opts``); students keep their real architecture.
 """
 import glob
-import importlib
 import importlib.util
 import os
 import re
@@ -20,29 +19,12 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-import pkd.modeling.swin  # noqa: F401  (registers build_swin_fpn_backbone)
 from pkd.config import get_distill_cfg
 from pkd.solver import build_optimizer
-from pkd.losses import DISTILL_LOSS_REGISTRY
 from pkd.meta_arch import DistillMetaArch
 
 from pkd_testing import CONFIGS, make_batch
 
-# The prediction-guided losses register themselves when their modules are imported.
-_LOSS_MODULES = {
-    "PGD": "pkd.losses.pgd", "RM": "pkd.losses.rank_mimic", "PFI": "pkd.losses.rank_mimic"
-}
-_IMPORT_ERRORS = {}
-for _module in sorted(set(_LOSS_MODULES.values())):
-    try:
-        importlib.import_module(_module)
-    except Exception as e:  # not importable (yet), whatever the reason: reported in the skip
-        _IMPORT_ERRORS[_module] = f"{type(e).__name__}: {e}"
-MISSING_LOSSES = {  # {loss name: why it is not registered}
-    name: _IMPORT_ERRORS.get(module, f"{module} does not register it")
-    for name, module in _LOSS_MODULES.items()
-    if name not in DISTILL_LOSS_REGISTRY
-}
 
 HAS_DETECTRON2_C = importlib.util.find_spec("detectron2._C") is not None
 
@@ -124,11 +106,6 @@ ALL_CONFIGS = _all_configs()
 RECIPES = [c for c in ALL_CONFIGS if _stem(c) in set(PUBLISHED) | set(HEADLINES)]
 
 
-def _require_losses(names):
-    missing = {n: MISSING_LOSSES[n] for n in names if n in MISSING_LOSSES}
-    if missing:
-        pytest.skip(f"distillation losses {sorted(missing)} are not importable yet: {missing}")
-
 
 def _load_yacs(path):
     cfg = get_distill_cfg()
@@ -139,11 +116,7 @@ def _load_yacs(path):
 
 
 def _load_lazy(path):
-    try:
-        cfg = LazyConfig.load(os.path.join(CONFIGS, path))
-    except ImportError:
-        _require_losses(MISSING_LOSSES)  # a config importing a loss module that is not there yet
-        raise
+    cfg = LazyConfig.load(os.path.join(CONFIGS, path))
     if "train" in cfg:
         cfg.train.device = "cpu"
         cfg.train.init_checkpoint = ""
@@ -162,7 +135,6 @@ def _build(path):
         if _is_teacher(path):
             cfg.merge_from_list(TINY_TEACHER_OPTS[os.path.basename(path)])
         if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
-            _require_losses(cfg.MODEL.DISTILL.LOSSES)
             teacher = cfg.MODEL.DISTILL.TEACHER
             teacher.WEIGHTS = "random"
             teacher.OPTS = list(teacher.OPTS) + TINY_TEACHER_OPTS.get(
@@ -174,7 +146,6 @@ def _build(path):
         cfg = LazyConfig.apply_overrides(cfg, TINY_TEACHER_OPTS[os.path.basename(path)])
     teacher = cfg.model.get("teacher")
     if teacher is not None:
-        _require_losses(cfg.model.losses.keys())
         teacher.weights = "random"
         teacher.opts = list(teacher.get("opts") or []) + TINY_TEACHER_OPTS.get(
             os.path.basename(teacher.config), []

@@ -52,7 +52,7 @@ def _unsafe_allowed() -> bool:
 
 
 class _ForbiddenGlobal(pickle.UnpicklingError):
-    pass
+    """The pickle references a global that is not on the allow-list."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
