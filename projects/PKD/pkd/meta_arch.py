@@ -240,13 +240,18 @@ class DistillMetaArch(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
 
-        # The teacher runs first: its no_grad intermediates are freed before the student's
-        # forward builds the activations it keeps for backward, which lowers peak memory.
-        padded_size = tuple(self.student.preprocess_image(batched_inputs).tensor.shape[-2:])
-        teacher_features = self.teacher.features(
-            self.teacher.preprocess(batched_inputs, self.student_input_format, padded_size)
-        )
-        outputs = run_student(self.student, batched_inputs, self.needs_predictions)
+        teacher_features = {}
+
+        def run_teacher(student_images):
+            # Runs on the student's padded batch, before the student's backbone: the teacher's
+            # no_grad intermediates are freed before the student builds the activations it keeps
+            # for backward, which lowers peak memory.
+            images = self.teacher.preprocess(
+                batched_inputs, self.student_input_format, tuple(student_images.shape[-2:])
+            )
+            teacher_features.update(self.teacher.features(images))
+
+        outputs = run_student(self.student, batched_inputs, self.needs_predictions, run_teacher)
         inputs = DistillInputs(
             levels=[s for s, _ in self.feature_pairs],
             student_features=[outputs.features[s] for s, _ in self.feature_pairs],

@@ -2,7 +2,7 @@
 distillation losses need (its padded input batch, FPN dict and, for dense heads, predictions)."""
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from torch import Tensor, nn
 
@@ -58,12 +58,23 @@ class StudentOutputs:
 
 
 def run_student(
-    student: nn.Module, batched_inputs: List[Dict], keep_predictions: bool = False
+    student: nn.Module,
+    batched_inputs: List[Dict],
+    keep_predictions: bool = False,
+    before_backbone: Optional[Callable[[Tensor], None]] = None,
 ) -> StudentOutputs:
     """Runs ``student(batched_inputs)`` unchanged (its own preprocessing, backbone, head or
     proposals+ROI heads, and loss code) and captures the intermediate tensors with forward hooks,
-    so no Detectron2 code is forked and nothing is computed twice."""
+    so no Detectron2 code is forked and nothing is computed twice.
+
+    Args:
+        before_backbone: called with the student's padded input batch (N, 3, H, W) right before
+            its backbone runs, i.e. before the student builds the activations kept for backward.
+    """
     captured = {}
+
+    def call_before_backbone(_module, args):
+        before_backbone(args[0])
 
     def keep_backbone(_module, args, output):
         captured["images"], captured["features"] = args[0], output
@@ -73,6 +84,9 @@ def run_student(
 
     with ExitStack() as stack:
         stack.callback(student.backbone.register_forward_hook(keep_backbone).remove)
+        if before_backbone is not None:
+            hook = student.backbone.register_forward_pre_hook(call_before_backbone)
+            stack.callback(hook.remove)
         if keep_predictions:
             check_dense_student(student)
             stack.callback(student.head.register_forward_hook(keep_head).remove)
