@@ -54,10 +54,10 @@ def _standardized(x: Tensor) -> Tuple[Tensor, Tensor]:
 class _PearsonImitation(torch.autograd.Function):
     """mean((S_hat - T_hat)^2) / 2 of two maps of one shape, with a hand-written backward.
 
-    Autograd's generic graph for the per-channel standardisation allocates about ten full-size
-    buffers per level (sub/div/std backward); on the finest pair (the student upsampled to the
-    teacher's stride-4 map) fresh allocations cost more than the arithmetic. This keeps two
-    buffers for backward (S_hat and S_hat - T_hat) and allocates one more there.
+    Autograd's generic graph of the same formula allocates over a dozen full-size buffers per
+    level (sub/div/std_mean/mse and their backwards); on the finest pair (the student upsampled
+    to the teacher's stride-4 map) fresh allocations cost more than the arithmetic. This keeps
+    two buffers for backward (S_hat and S_hat - T_hat) and allocates one more there.
 
     With g = (S_hat - T_hat) / numel (upstream gradient folded in), d = std + eps and M values
     per channel, the gradient of channel c is
