@@ -48,7 +48,9 @@ from step_time import (  # noqa: E402  (the step-time benchmark's workload and h
     Preset,
     Runner,
     Workload,
+    add_process_args,
     build_cfg,
+    configure_process,
     environment,
     resolve_device,
     run_rounds,
@@ -97,8 +99,7 @@ def build_loss_cfg(args, names: Sequence[str]):
 
 def make_workload(args, names: Sequence[str]) -> Workload:
     """The models and batch (built lazily by step_time's Workload)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_process(args)
     cfg = build_loss_cfg(args, names)
     return Workload(cfg, args.batch, args.height, args.width, args.seed)
 
@@ -261,7 +262,8 @@ def format_report(result: Dict) -> str:
     """The human-readable table and the verdict."""
     stats, shares = result["stats"], result["shares"]
     lines = [
-        f"device {result['device']} | {result['threads']} threads | batch {result['batch']} x "
+        f"device {result['device']} | {result['threads']} threads | "
+        f"malloc: {result['cpu_malloc']} | batch {result['batch']} x "
         f"{result['height']}x{result['width']} (padded {result['padded_size'][0]}x"
         f"{result['padded_size'][1]}) | {result['rounds']} rounds after {result['warmup']} "
         f"warm-up | load average {result['load_average_1min_before']:.1f} before, "
@@ -304,9 +306,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--width", type=int, default=683, help="image width")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
-    )
+    add_process_args(parser)
     parser.add_argument("--json", default=DEFAULT_JSON, help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:

@@ -46,6 +46,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage, get_event_storage
 
 from pkd.config import get_distill_cfg
+from pkd.cpu_memory import retain_freed_cpu_memory, retains_freed_cpu_memory
 from pkd.losses import DistillInputs, channel_pearson
 from pkd.meta_arch import PCC_PERIOD, student_config
 from pkd.students import run_student
@@ -418,6 +419,7 @@ def cpu_peaks_mb(args) -> Dict[str, Dict[str, object]]:
             "--preset", args.preset, "--device", "cpu", "--seed", str(args.seed),
             "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
             "--threads", str(torch.get_num_threads()),
+            *(["--default-malloc"] if args.default_malloc else []),
         ]  # fmt: skip
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith(PROBE_TAG)]
@@ -484,6 +486,7 @@ def format_report(result: Dict) -> str:
     stats, memory, d = result["stats"], result["memory"], result["derived"]
     lines = [
         f"preset {result['preset']} | device {result['device']} | {result['threads']} threads | "
+        f"malloc: {result['cpu_malloc']} | "
         f"batch {result['batch']} x {result['height']}x{result['width']} "
         f"(padded {result['padded_size'][0]}x{result['padded_size'][1]}) | "
         f"{result['rounds']} rounds after {result['warmup']} warm-up | "
@@ -526,6 +529,7 @@ def environment() -> Dict[str, object]:
         "python": platform.python_version(),
         "host_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "cpu_malloc": "retain freed" if retains_freed_cpu_memory() else "glibc default",
         "load_average_1min": os.getloadavg()[0],
     }
 
@@ -551,9 +555,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--width", type=int, help="image width (default: the preset's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
-    )
+    add_process_args(parser)
     parser.add_argument("--json", help="default: benchmarks/results/step_time_<preset>.json")
     parser.add_argument("--skip-memory", action="store_true", help="timings only")
     parser.add_argument("--memory-probe", choices=MEMORY_PROBE_KINDS, help=argparse.SUPPRESS)
@@ -570,9 +572,29 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return args
 
 
-def make_workload(args) -> Workload:
+def configure_process(args) -> None:
+    """Torch threads and, on CPU, the allocator setting ``tools/train_net.py`` uses
+    (:func:`pkd.cpu_memory.retain_freed_cpu_memory`) unless ``--default-malloc``."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.default_malloc:
+        retain_freed_cpu_memory()
+
+
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc behaviour instead of the trainer's CPU setting "
+        "(freed memory kept for reuse, pkd.cpu_memory)",
+    )
+
+
+def make_workload(args) -> Workload:
+    configure_process(args)
     cfg = build_cfg(PRESETS[args.preset], args.device)
     return Workload(cfg, args.batch, args.height, args.width, args.seed)
 

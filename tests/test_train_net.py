@@ -78,6 +78,8 @@ def test_yacs_train_and_eval(yacs_run):
         assert key in metrics, key
     assert 0.0 <= read_ap(yacs_run) <= 100.0
     assert len(read_detections(yacs_run)) > 0
+    # CPU training keeps freed memory for reuse (pkd.cpu_memory), and pkd's log lines are kept.
+    assert "CPU memory: freed heap memory is kept for reuse" in (yacs_run / "log.txt").read_text()
 
 
 def test_yacs_eval_only_never_touches_the_teacher(yacs_run, datasets_dir, tmp_path):

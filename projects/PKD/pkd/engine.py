@@ -35,6 +35,7 @@ from detectron2.utils.registry import locate
 
 from .checkpoint import DistillCheckpointer, ResumableSampler, build_checkpointer
 from .config import get_distill_cfg
+from .cpu_memory import retain_freed_cpu_memory
 from .data import register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
 from .solver import build_optimizer
@@ -180,8 +181,18 @@ def setup(args):
         cfg.freeze()
         names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     default_setup(cfg, args)
+    # As Detectron2's projects do (e.g. PointRend): show this package's own log lines too.
+    setup_logger(_output_dir(cfg), distributed_rank=comm.get_rank(), name="pkd")
     _register_builtin_datasets(names)
     return cfg
+
+
+def _output_dir(cfg) -> str:
+    return cfg.OUTPUT_DIR if isinstance(cfg, CfgNode) else cfg.train.output_dir
+
+
+def _device(cfg) -> torch.device:
+    return torch.device(cfg.MODEL.DEVICE if isinstance(cfg, CfgNode) else cfg.train.device)
 
 
 def _lazy_dataset_names(cfg):
@@ -259,7 +270,9 @@ def main(args) -> Dict:
     written to ``<output_dir>/eval_results.json``."""
     cfg = setup(args)
     lazy = is_lazy_config(args.config_file)
-    output_dir = cfg.train.output_dir if lazy else cfg.OUTPUT_DIR
+    output_dir = _output_dir(cfg)
+    if _device(cfg).type == "cpu":
+        retain_freed_cpu_memory()
     if args.eval_only:
         model = build_student_for_eval(cfg)
         weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
