@@ -155,6 +155,9 @@ class Workload:
     width: int
     seed: int
     last_losses: Dict[str, float] = field(default_factory=dict)
+    # Minor page faults of each call of a kind, warm-up included (fresh zeroed pages the kernel
+    # had to map: on CPU, what glibc's default allocator behaviour costs).
+    page_faults: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def device(self) -> str:
@@ -225,12 +228,17 @@ class Workload:
 Runner = Callable[[], Dict[str, float]]
 
 
+def minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def train_step(work: Workload, model, optimizer, name: str) -> Runner:
     """One training step as Detectron2's SimpleTrainer runs it: forward, sum of the losses,
     zero_grad, backward, optimizer step."""
 
     def run() -> Dict[str, float]:
         sync(work.device)
+        faults = minor_page_faults()
         start = time.perf_counter()
         losses = model(work.batch)
         total = sum(losses.values())
@@ -239,6 +247,7 @@ def train_step(work: Workload, model, optimizer, name: str) -> Runner:
         optimizer.step()
         sync(work.device)
         elapsed = time.perf_counter() - start
+        work.page_faults.setdefault(name, []).append(minor_page_faults() - faults)
         work.last_losses[name] = total.item()
         # Advance the iteration as the trainer does: DistillMetaArch computes the kd/pcc
         # diagnostic on one step in PCC_PERIOD, as in real training.
@@ -259,9 +268,11 @@ def teacher_forward(work: Workload) -> Runner:
         images = teacher.preprocess(work.batch, fmt, padded)
         sync(work.device)
         middle = time.perf_counter()
+        faults = minor_page_faults()
         teacher.features(images)
         sync(work.device)
         end = time.perf_counter()
+        work.page_faults.setdefault("teacher_features", []).append(minor_page_faults() - faults)
         return {"teacher_preprocess": middle - start, "teacher_features": end - middle}
 
     return run
@@ -511,6 +522,11 @@ def format_report(result: Dict) -> str:
         f"distill_step minus all measured parts: {d['unexplained_s']:+.4f} s "
         f"({100 * d['unexplained_share']:+.2f} %)",
     ]
+    faults = result["page_faults_median"]
+    kinds = ("student_step", "teacher_features", "distill_step")
+    lines.append(
+        "minor page faults per call (median): " + ", ".join(f"{k} {faults[k]:.0f}" for k in kinds)
+    )
     noisy = [k for k in NOISE_CHECKED if stats[k]["max"] > NOISE_SPREAD * stats[k]["min"]]
     if noisy:
         lines.append(
@@ -638,6 +654,8 @@ def benchmark(args) -> Dict:
         "ratio": derived["ratio"],
         "ratio_target": RATIO_TARGET,
         "memory": memory,
+        "page_faults": work.page_faults,
+        "page_faults_median": {k: statistics.median(v) for k, v in work.page_faults.items()},
         "last_total_losses": work.last_losses,
     }
 
