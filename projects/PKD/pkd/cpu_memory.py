@@ -6,8 +6,9 @@ step's tensors of the same sizes fault in fresh zeroed pages again. Measured her
 RetinaNet-R50 step at 2 x 512x683 (``benchmarks/step_time.py``): ~420k minor page faults (~2.6 us
 each); RetinaNet's own loss code (focal loss on (N, R, K) tensors of ~43 MB) took 1.4-1.6 s per
 step, 0.16 s without the faults. A distillation step allocates more (teacher features, loss
-buffers) and faults more than the sum of its parts. Keeping freed memory in the process, as the CUDA caching
-allocator does on GPUs, removes the faults; the process's RSS then stays at its high-water mark.
+buffers) and faults more than the sum of its parts. Keeping freed memory in the process, as the
+CUDA caching allocator does on GPUs, removes the faults; the process's RSS then stays at its
+high-water mark.
 
 Opt out with ``PKD_CPU_MALLOC=default``. Any glibc malloc setting of the user's own
 (``MALLOC_*_`` or ``GLIBC_TUNABLES`` in the environment) is respected and nothing is changed.
