@@ -17,7 +17,7 @@ import ctypes
 import logging
 import os
 import platform
-from typing import Mapping, Optional
+from typing import Optional
 
 __all__ = ["OPT_OUT_ENV", "retain_freed_cpu_memory", "retains_freed_cpu_memory"]
 
@@ -37,7 +37,8 @@ _USER_MALLOC_ENV = (
 _applied = False
 
 
-def _skip_reason(environ: Mapping[str, str]) -> Optional[str]:
+def _skip_reason() -> Optional[str]:
+    environ = os.environ
     if environ.get(OPT_OUT_ENV, "").lower() == "default":
         return f"{OPT_OUT_ENV}=default"
     user_set = [k for k in _USER_MALLOC_ENV if k in environ]
@@ -50,13 +51,10 @@ def _skip_reason(environ: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-def retain_freed_cpu_memory(environ: Optional[Mapping[str, str]] = None) -> bool:
+def retain_freed_cpu_memory() -> bool:
     """Makes glibc keep freed memory for reuse: no ``mmap`` for large blocks (``M_MMAP_MAX``
     0) and no trimming of the heap (``M_TRIM_THRESHOLD`` -1, see mallopt(3)). Process-wide and
     inherited by forked data-loader workers; idempotent.
-
-    Args:
-        environ: the environment to read the opt-out from (default ``os.environ``).
 
     Returns:
         True if the setting is in effect, False if it was skipped (the reason is logged).
@@ -64,7 +62,7 @@ def retain_freed_cpu_memory(environ: Optional[Mapping[str, str]] = None) -> bool
     global _applied
     if _applied:
         return True
-    reason = _skip_reason(os.environ if environ is None else environ)
+    reason = _skip_reason()
     if reason is None:
         libc = ctypes.CDLL(None)
         if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
