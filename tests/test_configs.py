@@ -383,3 +383,26 @@ def test_resnet_teacher_trunks(name):
     )
     assert list(r.DEFORM_ON_PER_STAGE) == [False] + [deform] * 3
     assert not r.DEFORM_MODULATED and r.DEFORM_NUM_GROUPS == 1
+
+
+@pytest.mark.parametrize("path", [c for c in ALL_CONFIGS if c.startswith("Demo") and c.endswith(".py")])
+def test_demo_lazy_twin_trains_on_the_yacs_schedule(path):
+    """The demo's .py and .yaml twins: same iterations, batch, base lr and lr at every iteration
+    (Detectron2's WarmupMultiStepLR from the yacs SOLVER against the lazy lr_multiplier)."""
+    from detectron2.solver import build_lr_scheduler
+
+    yacs = _load_yacs(os.path.splitext(path)[0] + ".yaml")
+    lazy = _load_lazy(path)
+    s = yacs.SOLVER
+    assert (lazy.train.max_iter, lazy.dataloader.train.total_batch_size, lazy.optimizer.lr) == (
+        s.MAX_ITER, s.IMS_PER_BATCH, s.BASE_LR
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.BASE_LR)
+    yacs_scheduler = build_lr_scheduler(yacs, optimizer)
+    multiplier = instantiate(lazy.lr_multiplier)
+    for it in range(s.MAX_ITER):
+        assert multiplier(it / s.MAX_ITER) * s.BASE_LR == pytest.approx(
+            optimizer.param_groups[0]["lr"], rel=1e-6
+        ), f"lr at iteration {it}"
+        optimizer.step()
+        yacs_scheduler.step()

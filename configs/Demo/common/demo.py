@@ -18,7 +18,8 @@ from pkd.teacher import load_teacher
 
 DEMO_DIR = os.path.dirname(os.path.dirname(__file__))
 CHANNELS = 64
-MAX_ITER = 150  # as RetinaNet-R18.yaml: steps at 110 and 140, 50 warm-up iterations
+# The schedule of RetinaNet-R18.yaml (SOLVER.MAX_ITER, STEPS, WARMUP_ITERS of Base-Demo.yaml)
+MAX_ITER, STEPS, WARMUP_ITERS = 100, (75, 92), 30
 
 # Student: Detectron2's RetinaNet LazyConfig, shrunk to ResNet-18 + GN (RetinaNet-R18.yaml).
 student = model_zoo.get_config("common/models/retinanet.py").model
@@ -86,14 +87,14 @@ train.max_iter = MAX_ITER
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 100000
 
-# As the yacs configs at MAX_ITER (x0.1 at 110 and 140, 50 warm-up iterations), expressed in
-# fractions of train.max_iter so that overriding train.max_iter scales the schedule.
+# As the yacs configs at MAX_ITER (x0.1 at each of STEPS, linear warm-up), expressed in fractions
+# of train.max_iter so that overriding train.max_iter scales the schedule.
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(CompositeParamScheduler)(
         schedulers=[L(ConstantParamScheduler)(value=v) for v in (1.0, 0.1, 0.01)],
-        lengths=[110 / MAX_ITER, 30 / MAX_ITER, 10 / MAX_ITER],
+        lengths=[STEPS[0] / MAX_ITER, (STEPS[1] - STEPS[0]) / MAX_ITER, 1 - STEPS[1] / MAX_ITER],
         interval_scaling=["rescaled"] * 3,
     ),
-    warmup_length=50 / MAX_ITER,
+    warmup_length=WARMUP_ITERS / MAX_ITER,
     warmup_factor=0.001,
 )
