@@ -400,9 +400,10 @@ def test_demo_lazy_twin_trains_on_the_yacs_schedule(path):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.BASE_LR)
     yacs_scheduler = build_lr_scheduler(yacs, optimizer)
     multiplier = instantiate(lazy.lr_multiplier)
-    for it in range(s.MAX_ITER):
+    for it in range(s.MAX_ITER + 1):  # the trainer also steps the scheduler after the last one
         assert multiplier(it / s.MAX_ITER) * s.BASE_LR == pytest.approx(
             optimizer.param_groups[0]["lr"], rel=1e-6
         ), f"lr at iteration {it}"
-        optimizer.step()
-        yacs_scheduler.step()
+        if it < s.MAX_ITER:
+            optimizer.step()
+            yacs_scheduler.step()

@@ -4,7 +4,7 @@ RetinaNet-R18 student trained from scratch (GN everywhere), the pkd_demo data, t
 import os
 from collections import OrderedDict
 
-from fvcore.common.param_scheduler import CompositeParamScheduler, ConstantParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
@@ -87,13 +87,11 @@ train.max_iter = MAX_ITER
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 100000
 
-# As the yacs configs at MAX_ITER (x0.1 at each of STEPS, linear warm-up), expressed in fractions
-# of train.max_iter so that overriding train.max_iter scales the schedule.
+# As the yacs configs: x0.1 at each of STEPS, linear warm-up. The scheduler sees training progress
+# (iteration / train.max_iter), so overriding train.max_iter scales the whole schedule.
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(CompositeParamScheduler)(
-        schedulers=[L(ConstantParamScheduler)(value=v) for v in (1.0, 0.1, 0.01)],
-        lengths=[STEPS[0] / MAX_ITER, (STEPS[1] - STEPS[0]) / MAX_ITER, 1 - STEPS[1] / MAX_ITER],
-        interval_scaling=["rescaled"] * 3,
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=list(STEPS), num_updates=MAX_ITER
     ),
     warmup_length=WARMUP_ITERS / MAX_ITER,
     warmup_factor=0.001,
