@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
 from detectron2.utils.events import EventStorage
 
 from pkd.config import get_distill_cfg
@@ -389,8 +390,6 @@ def test_resnet_teacher_trunks(name):
 def test_demo_lazy_twin_trains_on_the_yacs_schedule(path):
     """The demo's .py and .yaml twins: same iterations, batch, base lr and lr at every iteration
     (Detectron2's WarmupMultiStepLR from the yacs SOLVER against the lazy lr_multiplier)."""
-    from detectron2.solver import build_lr_scheduler
-
     yacs = _load_yacs(os.path.splitext(path)[0] + ".yaml")
     lazy = _load_lazy(path)
     s = yacs.SOLVER

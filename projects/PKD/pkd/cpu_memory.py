@@ -38,11 +38,10 @@ _applied = False
 
 
 def _skip_reason() -> Optional[str]:
-    environ = os.environ
-    if environ.get(OPT_OUT_ENV, "").lower() == "default":
+    if os.environ.get(OPT_OUT_ENV, "").lower() == "default":
         return f"{OPT_OUT_ENV}=default"
-    user_set = [k for k in _USER_MALLOC_ENV if k in environ]
-    if "malloc" in environ.get("GLIBC_TUNABLES", ""):
+    user_set = [k for k in _USER_MALLOC_ENV if k in os.environ]
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         user_set.append("GLIBC_TUNABLES")
     if user_set:
         return f"glibc malloc already configured by the environment ({', '.join(user_set)})"
