@@ -1,5 +1,5 @@
 """LazyConfig twin of FGD-RetinaNet-R18.yaml: FGD (RetinaNet recipe values) from the Faster R-CNN
-R18 teacher, student FPN inherited from the teacher where shapes match."""
+R18 teacher; no inheriting (student p3 learns from teacher p2)."""
 from detectron2.config import LazyCall as L
 
 from pkd.losses import FGDDistiller
@@ -11,6 +11,5 @@ model = distill(
                             beta=5e-4, gamma=5e-4, lambda_=5e-6)},
     "FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
-    inherit=True,
 )
 train.output_dir = "output/demo/student_fgd_lazy"
