@@ -161,9 +161,9 @@ def build_student_for_eval(cfg) -> nn.Module:
 
 
 def _register_builtin_datasets(names) -> None:
-    from .data import DEMO_TRAIN, DEMO_VAL
+    from .data import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
 
-    if any(n in (DEMO_TRAIN, DEMO_VAL) for n in names):
+    if any(n in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST) for n in names):
         register_demo_datasets()
 
 
