@@ -175,7 +175,8 @@ def _save(tmp_path, state_dict, name="weights.pth"):
 
 
 def test_enum_name_resolves_to_the_offline_file(imagenet_mobilenet_file):
-    assert resolve_torchvision_weights(MOBILENET_V2_IMAGENET, "mobilenet_v2") == imagenet_mobilenet_file
+    path = resolve_torchvision_weights(MOBILENET_V2_IMAGENET, "mobilenet_v2")
+    assert path == imagenet_mobilenet_file
     assert resolve_torchvision_weights("", "mobilenet_v2") is None
 
 
@@ -210,7 +211,7 @@ def test_weights_that_do_not_fit_are_an_error(tmp_path, imagenet_state_dict, cha
 
 
 def test_weights_of_another_network_are_an_error(imagenet_mobilenet_file):
-    with pytest.raises(TorchvisionWeightsError, match="do not fit torchvision's 'ResNet'"):
+    with pytest.raises(TorchvisionWeightsError, match="do not fit torchvision's 'resnet18'"):
         TorchvisionBackbone("resnet18", weights=imagenet_mobilenet_file, norm="BN")
     with pytest.raises(TorchvisionWeightsError, match="are not for 'resnet18'"):
         resolve_torchvision_weights(MOBILENET_V2_IMAGENET, "resnet18")
@@ -289,6 +290,11 @@ def test_frozen_bn_keeps_statistics_in_training():
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     backbone.train()(_images(size=(64, 64)))
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    # SyncBN (multi-GPU training): the network's BatchNorm layers become SyncBatchNorm
+    synced = TorchvisionBackbone("mobilenet_v3_small", norm="SyncBN", freeze_at=1)
+    norms = {type(m) for m in synced.modules()
+             if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d))}
+    assert norms == {nn.SyncBatchNorm, FrozenBatchNorm2d}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +424,7 @@ def test_student_and_teacher_train_in_distill_meta_arch(student, student_backbon
 TRAIN = "pkd_tv_train"
 STUDENT_YAML = os.path.join(CONFIGS, "COCO", "RetinaNet-MobileNetV2-FPN-1x.yaml")
 DISTILL_YAML = os.path.join(CONFIGS, "COCO", "PKD-RetinaNet-MobileNetV2-R101-FasterRCNN-1x.yaml")
+TEACHER_YAML = os.path.join(CONFIGS, "COCO", "FasterRCNN-MobileNetV2-FPN-1x.yaml")
 # The COCO student shrunk for CPU: 3 classes, a 32-channel FPN and a one-conv head, small images.
 STUDENT_TINY = ["MODEL.DEVICE", "cpu", "MODEL.RETINANET.NUM_CLASSES", "3",
                 "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.FPN.OUT_CHANNELS", "32",
@@ -441,7 +448,7 @@ def _distill_train_cfg(output_dir):
     cfg = get_distill_cfg()
     cfg.merge_from_file(DISTILL_YAML)
     cfg.merge_from_list(STUDENT_TINY + [
-        "MODEL.DISTILL.TEACHER.CONFIG", os.path.join(CONFIGS, "COCO", "FasterRCNN-MobileNetV2-FPN-1x.yaml"),
+        "MODEL.DISTILL.TEACHER.CONFIG", TEACHER_YAML,
         "MODEL.DISTILL.TEACHER.WEIGHTS", "random",
         "MODEL.DISTILL.TEACHER.OPTS", str(TEACHER_OPTS),
         "DATASETS.TRAIN", f"('{TRAIN}',)", "DATASETS.TEST", "()",

@@ -4,15 +4,17 @@
 stride-4/8/16/32 feature maps *from the network itself* and returns them as ``res2..res5``, so
 that Detectron2's own :class:`~detectron2.modeling.backbone.FPN` and every detector on top of it
 work unchanged. How the maps are found (no per-model table): the network is traced once with
-``torchvision.models.feature_extraction`` and run on a dummy image; among the graph nodes that
-every path from the image to the logits passes through (so a map inside a residual block, which
-a skip connection bypasses, never qualifies), the *last* one at each stride is taken. That gives
-ResNet's ``layer1..layer4`` outputs, RegNet's ``trunk_output.block1..4``, and for inverted
-residual networks (MobileNet, EfficientNet) the expanded map that feeds the next stride-2 block,
-as SSDLite does; ``TorchvisionBackbone.nodes`` says which node each level is.
+``torchvision.models.feature_extraction`` and its graph is run on a dummy image on the meta device
+(shapes only, no computation); among the graph nodes that every path from the image to the logits
+passes through (so a map inside a residual block, which a skip connection bypasses, never
+qualifies), the *last* one at each stride is taken. That gives ResNet's ``layer1..layer4``
+outputs, RegNet's ``trunk_output.block1..4``, and for inverted-residual networks (MobileNet,
+EfficientNet) the expanded map that feeds the next stride-2 block (the map SSDLite taps for its
+stride-16 head); ``TorchvisionBackbone.nodes`` says which node each level is.
 
 Registered builders (``MODEL.BACKBONE.NAME``):
-  * ``build_torchvision_backbone``: the bottom-up network alone (``MODEL.TORCHVISION.OUT_FEATURES``).
+  * ``build_torchvision_backbone``: the bottom-up network alone, levels
+    ``MODEL.TORCHVISION.OUT_FEATURES``.
   * ``build_torchvision_fpn_backbone``: + FPN p2..p6 (p6 by max-pooling p5), for R-CNN.
   * ``build_retinanet_torchvision_fpn_backbone``: + FPN p3..p7, P6/P7 computed from P5 as
     ``pkd.modeling.fcos.build_fcos_resnet_fpn_backbone`` (and torchvision's RetinaNet v2) do,
@@ -40,6 +42,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import Tensor, fx, nn
+from torch.func import functional_call
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from detectron2.config import CfgNode as CN
@@ -234,8 +237,11 @@ def _read_state_dict(path: str) -> Mapping[str, Tensor]:
     return loaded
 
 
-def _load_weights(body: nn.Module, network: nn.Module, state_dict: Mapping[str, Tensor], source: str):
-    """Loads ``state_dict`` (the whole network's) into ``body`` (the part the backbone runs).
+def _load_weights(
+    body: nn.Module, network: nn.Module, name: str, state_dict: Mapping[str, Tensor], source: str
+) -> None:
+    """Loads ``state_dict`` (of the whole network ``name``) into ``body`` (the part the backbone
+    runs).
 
     Strict: every tensor of ``body`` must be in the file with its shape, and every key of the file
     must exist in ``network``. Keys of the parts the backbone drops (the classifier) are ignored,
@@ -262,7 +268,7 @@ def _load_weights(body: nn.Module, network: nn.Module, state_dict: Mapping[str, 
         problems.append(f"{len(missing)} tensors of the network are missing, e.g. {missing[:5]}")
     if problems:
         raise TorchvisionWeightsError(
-            f"Weights '{source}' do not fit torchvision's '{type(network).__name__}': "
+            f"Weights '{source}' do not fit torchvision's '{name}': "
             + "; ".join(problems)
             + ". Use weights saved from the network MODEL.TORCHVISION.NAME builds."
         )
@@ -329,8 +335,11 @@ class _NetworkLevels:
                 suppress_diff_warning=True,
             )
             probe.eval()
+            # On the meta device: every node's output shape, without computing anything.
+            meta = {k: torch.empty_like(v, device="meta") for k, v in probe.state_dict().items()}
+            image = torch.zeros(1, 3, *_PROBE_SIZE, device="meta")
             with torch.no_grad():
-                outputs = probe(torch.zeros(1, 3, *_PROBE_SIZE))
+                outputs = functional_call(probe, meta, (image,))
         except Exception as e:  # tracing or running a network not made for this
             raise ValueError(
                 f"torchvision network '{name}' cannot be traced and run on a "
@@ -455,7 +464,7 @@ class TorchvisionBackbone(Backbone):
         )
         path = resolve_torchvision_weights(weights, name)
         if path is not None:
-            _load_weights(self.body, network, _read_state_dict(path), weights)
+            _load_weights(self.body, network, name, _read_state_dict(path), weights)
             logger.info(f"torchvision '{name}' initialised from '{weights}' ({path}).")
         if norm == "FrozenBN":
             self.body = FrozenBatchNorm2d.convert_frozen_batchnorm(self.body)
