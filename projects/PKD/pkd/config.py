@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg
 
 from .modeling.swin import add_swin_config
+from .modeling.torchvision_backbone import add_torchvision_config
 
 __all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "DistillCfgNode"]
 
@@ -129,4 +130,5 @@ def get_distill_cfg() -> DistillCfgNode:
     add_distill_config(cfg)
     add_fcos_config(cfg)
     add_swin_config(cfg)
+    add_torchvision_config(cfg)
     return DistillCfgNode(cfg)
