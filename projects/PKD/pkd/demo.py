@@ -76,12 +76,15 @@ def _teacher_of(method_config: str, output_root: str) -> Tuple[str, str]:
     """(teacher config, teacher weights) that a demo distillation config names; the weights'
     folder (e.g. ``teacher`` in ``output/demo/teacher/model_final.pth``) is put in output_root."""
     from .config import get_distill_cfg
+    from .teacher import resolve_teacher_config
 
     cfg = get_distill_cfg()
     cfg.merge_from_file(method_config)
-    weights = cfg.MODEL.DISTILL.TEACHER.WEIGHTS
-    folder = os.path.basename(os.path.dirname(weights))
-    return cfg.MODEL.DISTILL.TEACHER.CONFIG, os.path.join(output_root, folder, os.path.basename(weights))
+    teacher = cfg.MODEL.DISTILL.TEACHER
+    folder = os.path.basename(os.path.dirname(teacher.WEIGHTS))
+    return resolve_teacher_config(teacher.CONFIG), os.path.join(
+        output_root, folder, os.path.basename(teacher.WEIGHTS)
+    )
 
 
 def _teacher(config: str, weights: str, retrain: bool) -> Dict:
