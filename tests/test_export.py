@@ -304,6 +304,30 @@ def test_export_tool_and_the_exported_coco_evaluation(demo_datasets, tmp_path):
     assert exported_results["bbox"]["AP"] == pytest.approx(pytorch["bbox"]["AP"], abs=1e-3)
 
 
+def test_export_from_a_lazy_config(demo_datasets, tmp_path):
+    """The LazyConfig twin of a distillation config exports its student the same way."""
+    config = os.path.join(DEMO, "PKD-RetinaNet-R18.py")
+    opts = ["model.student.test_score_thresh=0.9"]
+    student = load_student(config, opts)
+    torch.manual_seed(0)
+    model = student.build_model()
+    _spread_logits(model, *STUDENTS["RetinaNet"][2])
+    torch.save({"model": model.state_dict()}, tmp_path / "model_final.pth")
+    export_from_config(config, str(tmp_path / "model_final.pth"), "torchscript",
+                       str(tmp_path / "ts"), opts=opts)
+    spec = json.loads((tmp_path / "ts" / SPEC_FILE).read_text())
+    assert spec["meta_architecture"] == "RetinaNet"
+    assert spec["inputs"][0]["channel_format"] == "BGR"
+    assert "max_size=192" in spec["inputs"][0]["preprocessing_outside_model"][0]
+    check = spec["check_on_sample"]
+    assert check["same_count_and_classes"]
+    assert check["max_box_diff_px"] <= BOX_TOL_PX and check["max_score_diff"] <= SCORE_TOL
+    sample = sample_input(student)
+    reference = _pytorch_detections(model, sample["image"])
+    assert len(reference[1]) >= 2
+    assert_same_detections(reference, ExportedDetector(str(tmp_path / "ts")).detect(sample["image"]))
+
+
 def test_export_refuses_a_checkpoint_that_does_not_cover_the_student(demo_datasets, tmp_path):
     student = load_student(os.path.join(DEMO, "RetinaNet-R18.yaml"))
     model = student.build_model()
