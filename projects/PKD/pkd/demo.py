@@ -7,8 +7,9 @@
 3. train the RetinaNet student without distillation and, for the same iterations, with each
    requested method (``configs/Demo/<METHOD>-RetinaNet-R18.yaml``; PKD by default);
 4. evaluate everything with COCO box AP — the distilled students also from their exported
-   ``model_final.pth`` by plain Detectron2 (``tools/plain_eval.py``, no ``pkd`` import) —, print one
-   table and write it to ``output/demo/results.json``.
+   ``model_final.pth`` by plain Detectron2 (``tools/plain_eval.py``, no ``pkd`` import), and as
+   TorchScript exported by ``tools/export_model.py`` (AP of the exported model's own outputs) —,
+   print one table and write it to ``output/demo/results.json``.
 
 Every training runs ``tools/train_net.py`` in a subprocess, so Detectron2's own logs (with ETA)
 show the progress.
@@ -122,6 +123,21 @@ def _plain_eval(weights: str, output_json: str) -> Dict[str, float]:
     return _box_ap(output_json)
 
 
+def exported_row(student_config: str, weights: str, export_dir: str, name: str) -> Dict:
+    """Exports a trained student (any student or distillation config, and its weights) to
+    TorchScript with ``tools/export_model.py`` and COCO-evaluates the exported model's own
+    outputs on the demo val set (:func:`pkd.export.evaluate_exported`): one table row."""
+    from .export import evaluate_exported
+
+    _run([sys.executable, os.path.join(REPO, "tools", "export_model.py"),
+          "--config-file", student_config, "--weights", weights,
+          "--format", "torchscript", "--output", export_dir])
+    results = evaluate_exported(export_dir, student_config, dataset=DEMO_VAL, output_dir=export_dir)
+    with open(os.path.join(export_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2)
+    return {"name": name, "seconds": None, "bbox": results["bbox"], "output_dir": export_dir}
+
+
 def run_demo(output_root: str, methods: Sequence[str], retrain_teacher: bool = False) -> List[Dict]:
     """Runs the whole demo; returns one row per trained model."""
     register_demo_datasets()
@@ -143,6 +159,8 @@ def run_demo(output_root: str, methods: Sequence[str], retrain_teacher: bool = F
         plain = _plain_eval(weights, os.path.join(out, "plain_eval.json"))
         rows.append({"name": "  same, model_final.pth in plain Detectron2", "seconds": None,
                      "bbox": plain, "output_dir": out})
+        rows.append(exported_row(STUDENT_CONFIG, weights, os.path.join(out, "torchscript"),
+                                 "  same, exported to TorchScript"))
     return rows
 
 
@@ -180,6 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         f"model.teacher.weights={rel}/teacher/model_final.pth train.max_iter=100   # LazyConfig\n"
         f"  .venv/bin/python tools/train_net.py --config-file configs/Demo/RetinaNet-R18.yaml "
         f"--eval-only MODEL.WEIGHTS {rel}/student_pkd/model_final.pth   # the student alone\n"
+        f"  .venv/bin/python tools/export_model.py --config-file configs/Demo/RetinaNet-R18.yaml "
+        f"--weights {rel}/student_pkd/model_final.pth --format onnx "
+        f"--output {rel}/student_pkd/onnx   # deploy (README: Deploy)\n"
         "  .venv/bin/tensorboard --logdir output/demo   # loss_pkd_* and kd/pcc_* curves\n"
         "  COCO recipes: README.md, 'The published COCO recipes'"
     )
