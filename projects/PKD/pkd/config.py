@@ -47,7 +47,7 @@ def _add_missing(cfg: _D2CfgNode, defaults: _D2CfgNode) -> None:
     for key, value in defaults.items():
         if key not in cfg:
             setattr(cfg, key, value)
-        elif isinstance(value, _D2CfgNode) and isinstance(cfg[key], _D2CfgNode):
+        elif isinstance(value, dict) and isinstance(cfg[key], dict):  # CfgNodes are dicts
             _add_missing(cfg[key], value)
 
 
