@@ -238,9 +238,10 @@ def test_missing_teacher_config():
         build_model(cfg)
 
 
-def test_teacher_config_resolves_relative_to_the_config_file():
+def test_teacher_config_is_named_relative_to_the_project_configs():
     cfg = distill_cfg("RetinaNet")
-    assert cfg.MODEL.DISTILL.TEACHER.CONFIG == TEACHER_YAML
+    assert cfg.MODEL.DISTILL.TEACHER.CONFIG == "Demo/FasterRCNN-R18-teacher.yaml"
+    assert build_model(cfg).teacher.config == TEACHER_YAML
 
 
 def test_frozen_teacher_rejects_non_detectors():

@@ -17,7 +17,6 @@ generated class, which cannot be re-instantiated from the saved file.
   tools/train_net.py --config-file configs/COCO/FGD-FasterRCNN-R50-X101DCN-CascadeMaskRCNN-2x.py \
       --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -32,9 +31,7 @@ from .common.recipe import clip_gradients, dataloader, lr_schedule, optimizer, t
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/mask_rcnn_fpn.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(
-            os.path.dirname(__file__), "../teachers/CascadeMaskRCNN-X101-32x4d-DCN-1x.yaml"
-        ),
+        config="teachers/CascadeMaskRCNN-X101-32x4d-DCN-1x.yaml",
         # MMDetection's Cascade Mask R-CNN X101-32x4d-DCN converted by tools/convert_teacher.py
         # (see the teacher config for the source checkpoint and the DCN requirement); the path is
         # relative to the working directory.

@@ -15,7 +15,6 @@ generated class, which cannot be re-instantiated from the saved file.
 
   tools/train_net.py --config-file configs/COCO/FGD-RetinaNet-R50-X101-RetinaNet-2x.py --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -30,7 +29,7 @@ from .common.recipe import clip_gradients, dataloader, lr_schedule, optimizer, t
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/retinanet.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/RetinaNet-X101-64x4d-1x.yaml"),
+        config="teachers/RetinaNet-X101-64x4d-1x.yaml",
         # MMDetection's RetinaNet X101-64x4d converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/retinanet_x101_64x4d_1x.pth",

@@ -31,7 +31,7 @@ from .common.recipe import clip_gradients, dataloader, lr_schedule, optimizer, t
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/fcos.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/FCOS-R101-3x.yaml"),
+        config="teachers/FCOS-R101-3x.yaml",
         # The authors' FCOS R101 3x converted by tools/convert_teacher.py (see the teacher config);
         # the path is relative to the working directory.
         weights="output/teachers/fcos_r101_3x.pth",

@@ -25,7 +25,7 @@ from .common.recipe import dataloader, lr_schedule, optimizer, train
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/fcos.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/MaskRCNN-SwinS-FPN-3x.py"),
+        config="teachers/MaskRCNN-SwinS-FPN-3x.py",
         # MMDetection's Swin-S Mask R-CNN converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/mask_rcnn_swin_s_3x.pth",

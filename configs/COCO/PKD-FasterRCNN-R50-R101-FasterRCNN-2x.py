@@ -10,7 +10,6 @@ student starts from ImageNet (no inheriting).
   tools/train_net.py --config-file configs/COCO/PKD-FasterRCNN-R50-R101-FasterRCNN-2x.py \
       --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -25,7 +24,7 @@ from .common.recipe import dataloader, lr_schedule, optimizer, train
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/mask_rcnn_fpn.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/FasterRCNN-R101-FPN-2x.yaml"),
+        config="teachers/FasterRCNN-R101-FPN-2x.yaml",
         # MMDetection's Faster R-CNN R101 converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/faster_rcnn_r101_2x.pth",

@@ -44,7 +44,7 @@ dataloader.train.mapper.image_format = "RGB"
 model = L(DistillMetaArch)(
     student=student,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/FasterRCNN-R101-FPN-2x.yaml"),
+        config="teachers/FasterRCNN-R101-FPN-2x.yaml",
         # MMDetection's Faster R-CNN R101 converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/faster_rcnn_r101_2x.pth",

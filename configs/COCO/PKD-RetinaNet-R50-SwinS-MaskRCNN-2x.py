@@ -8,7 +8,6 @@ Pearson-correlation imitation with weight 6; the student starts from ImageNet (n
 
   tools/train_net.py --config-file configs/COCO/PKD-RetinaNet-R50-SwinS-MaskRCNN-2x.py --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -23,7 +22,7 @@ from .common.recipe import dataloader, lr_schedule, optimizer, train
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/retinanet.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/MaskRCNN-SwinS-FPN-3x.py"),
+        config="teachers/MaskRCNN-SwinS-FPN-3x.py",
         # MMDetection's Swin-S Mask R-CNN converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/mask_rcnn_swin_s_3x.pth",

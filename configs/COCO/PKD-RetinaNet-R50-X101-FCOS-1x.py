@@ -8,7 +8,6 @@ weight 10; the student starts from ImageNet (no inheriting).
 
   tools/train_net.py --config-file configs/COCO/PKD-RetinaNet-R50-X101-FCOS-1x.py --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -23,7 +22,7 @@ from .common.recipe import dataloader, lr_schedule, optimizer, train
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/retinanet.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/FCOS-X101-64x4d-2x.yaml"),
+        config="teachers/FCOS-X101-64x4d-2x.yaml",
         # MMDetection's FCOS X101-64x4d converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint); the path is relative to the working directory.
         weights="output/teachers/fcos_x101_64x4d_2x.pth",

@@ -13,7 +13,6 @@ starts from ImageNet (no inheriting, none in the paper); no gradient clipping.
   tools/train_net.py --config-file configs/COCO/RM-PFI-RetinaNet-R50-X101-RetinaNet-2x.py \
       --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo
@@ -28,7 +27,7 @@ from .common.recipe import dataloader, lr_schedule, optimizer, train
 model = L(DistillMetaArch)(
     student=model_zoo.get_config("common/models/retinanet.py").model,
     teacher=L(load_teacher)(
-        config=os.path.join(os.path.dirname(__file__), "../teachers/RetinaNet-X101-64x4d-1x.yaml"),
+        config="teachers/RetinaNet-X101-64x4d-1x.yaml",
         # MMDetection's RetinaNet X101-64x4d converted by tools/convert_teacher.py (see the teacher
         # config for the source checkpoint and the anchor order); the path is relative to the
         # working directory.

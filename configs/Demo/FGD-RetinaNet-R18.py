@@ -9,7 +9,7 @@ from .common.demo import CHANNELS, dataloader, distill, lr_multiplier, optimizer
 model = distill(
     {"FGD": L(FGDDistiller)(channels=[(CHANNELS, CHANNELS)] * 4, temperature=0.5, alpha=1e-3,
                             beta=5e-4, gamma=5e-4, lambda_=5e-6)},
-    "FasterRCNN-R18-teacher.yaml",
+    "Demo/FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
 )
 train.output_dir = "output/demo/student_fgd_lazy"

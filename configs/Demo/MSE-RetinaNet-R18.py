@@ -8,7 +8,7 @@ from .common.demo import CHANNELS, dataloader, distill, lr_multiplier, optimizer
 
 model = distill(
     {"MSE": L(MSELoss)(weight=1.0, resize_student=True, channels=[(CHANNELS, CHANNELS)] * 4)},
-    "FasterRCNN-R18-teacher.yaml",
+    "Demo/FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
 )
 train.output_dir = "output/demo/student_mse_lazy"

@@ -8,7 +8,7 @@ from .common.demo import dataloader, distill, lr_multiplier, optimizer, train
 
 model = distill(
     {"PGD": L(PGDLoss)(topk=9, alpha=0.08, beta=0.04, gamma=0.128)},
-    "RetinaNet-R18-teacher.yaml",
+    "Demo/RetinaNet-R18-teacher.yaml",
     "output/demo/retina_teacher/model_final.pth",
     inherit=True,
     head=True,

@@ -12,7 +12,7 @@ from .common.demo import dataloader, distill, lr_multiplier, optimizer, train
 
 model = distill(
     {"PKD": L(PKDLoss)(weight=6.0, resize_student=True)},
-    "FasterRCNN-R18-teacher.yaml",
+    "Demo/FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
 )
 train.output_dir = "output/demo/student_pkd_lazy"

@@ -8,7 +8,7 @@ from .common.demo import dataloader, distill, lr_multiplier, optimizer, train
 
 model = distill(
     {"RM": L(RankMimicLoss)(weight=4.0, temperature=1.0), "PFI": L(PFILoss)(weight=1.5)},
-    "RetinaNet-R18-teacher.yaml",
+    "Demo/RetinaNet-R18-teacher.yaml",
     "output/demo/retina_teacher/model_final.pth",
     head=True,
 )

@@ -1,7 +1,6 @@
 """LazyConfig pieces shared by the demo's .py configs (the twins of the demo's .yaml files): the
 RetinaNet-R18 student trained from scratch (GN everywhere), the pkd_demo data, the solver, and
 ``distill(...)`` that wraps the student with a teacher and losses."""
-import os
 from collections import OrderedDict
 
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -16,7 +15,6 @@ from pkd.data import DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL
 from pkd.meta_arch import DistillMetaArch
 from pkd.teacher import load_teacher
 
-DEMO_DIR = os.path.dirname(os.path.dirname(__file__))
 CHANNELS = 64
 # The schedule of RetinaNet-R18.yaml (SOLVER.MAX_ITER, STEPS, WARMUP_ITERS of Base-Demo.yaml)
 MAX_ITER, STEPS, WARMUP_ITERS = 100, (75, 92), 30
@@ -44,14 +42,16 @@ def distill(losses, teacher_config, teacher_weights, num_levels=4, inherit=False
 
     Args:
         losses: {name: L(LossClass)(...)}.
-        teacher_config: a yacs/.py file in configs/Demo; teacher_weights: its checkpoint.
+        teacher_config: the teacher's config, named as in the yacs configs (relative to the
+            project's configs/, e.g. "Demo/FasterRCNN-R18-teacher.yaml"); teacher_weights: its
+            checkpoint.
         head: the losses use the teacher's dense head (PGD, RM, PFI), so its checkpoint must
             cover the head too.
     """
     return L(DistillMetaArch)(
         student=student,
         teacher=L(load_teacher)(
-            config=os.path.join(DEMO_DIR, teacher_config),
+            config=teacher_config,
             weights=teacher_weights,
             device="${...train.device}",
             required_parts=["backbone", "head"] if head else ["backbone"],

@@ -1,6 +1,21 @@
-"""yacs config keys of Detectron2-PKD (``MODEL.DISTILL.*``, ``MODEL.FCOS.*``, ``MODEL.SWIN.*``) and
-the config node that resolves a teacher config path relative to the file that names it."""
+"""yacs config keys of Detectron2-PKD (``MODEL.DISTILL.*``, ``MODEL.FCOS.*``, ``MODEL.SWIN.*``,
+``MODEL.TORCHVISION.*``).
+
+A user's own script loads any of the project's configs the way every Detectron2 project does::
+
+    cfg = get_cfg()
+    add_distill_config(cfg)  # every key group of the project, not only MODEL.DISTILL
+    cfg.merge_from_file("configs/PKD-FCOS-R50.yaml")
+    model = build_model(cfg)
+
+which is exactly what ``tools/train_net.py`` does (:func:`get_distill_cfg`). Nothing in a config is
+rewritten while it is loaded: ``MODEL.DISTILL.TEACHER.CONFIG`` names the teacher's config and is
+resolved when the teacher is built (:func:`pkd.teacher.resolve_teacher_config`); the shipped
+configs name it relative to the project's ``configs/`` directory (:data:`PROJECT_CONFIGS`), as
+Detectron2 names its model-zoo configs relative to the zoo.
+"""
 import os
+from typing import Callable, Tuple
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg
@@ -8,11 +23,38 @@ from detectron2.config import get_cfg
 from .modeling.swin import add_swin_config
 from .modeling.torchvision_backbone import add_torchvision_config
 
-__all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "DistillCfgNode"]
+__all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "PROJECT_CONFIGS"]
+
+# The project's configs/ directory (this package is installed from a checkout: pip install -e .).
+PROJECT_CONFIGS = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "configs")
+)
 
 
 def add_distill_config(cfg: _D2CfgNode) -> None:
-    """Adds the ``MODEL.DISTILL`` keys (METHODS.md defaults) to a Detectron2 config, in place."""
+    """Adds every config key of Detectron2-PKD to a Detectron2 config, in place: ``MODEL.DISTILL``
+    and the keys of the models the project makes buildable from yacs (``MODEL.FCOS``,
+    ``MODEL.SWIN``; see :data:`CONFIG_GROUPS`).
+
+    Keys ``cfg`` already has keep their values, so calling it twice (or on a config that has some
+    of the keys) changes nothing that was set.
+    """
+    defaults = type(cfg)({"MODEL": type(cfg)()})
+    for add_group in CONFIG_GROUPS:
+        add_group(defaults)
+    _add_missing(cfg, defaults)
+
+
+def _add_missing(cfg: _D2CfgNode, defaults: _D2CfgNode) -> None:
+    for key, value in defaults.items():
+        if key not in cfg:
+            setattr(cfg, key, value)
+        elif isinstance(value, dict) and isinstance(cfg[key], dict):  # CfgNodes are dicts
+            _add_missing(cfg[key], value)
+
+
+def _add_distill_keys(cfg: _D2CfgNode) -> None:
+    """``MODEL.DISTILL.*`` (METHODS.md defaults)."""
     _C = cfg
     _C.MODEL.DISTILL = _D2CfgNode()
     # Meta-architecture of the student, built from this same config (its _BASE_ applies as usual).
@@ -27,8 +69,10 @@ def add_distill_config(cfg: _D2CfgNode) -> None:
     _C.MODEL.DISTILL.INHERIT = False
 
     _C.MODEL.DISTILL.TEACHER = _D2CfgNode()
-    # Teacher config: .yaml or LazyConfig .py; relative paths resolve against the config file that
-    # names them (like _BASE_), then the working directory; model-zoo names are accepted too.
+    # Teacher config (.yaml or LazyConfig .py), resolved when the teacher is built: an absolute
+    # path; a path relative to the working directory or to the project's configs/ directory (the
+    # shipped configs write e.g. "teachers/MaskRCNN-SwinS-FPN-3x.yaml"); or a Detectron2
+    # model-zoo name. A relative path found in both directories is an error (ambiguous).
     _C.MODEL.DISTILL.TEACHER.CONFIG = ""
     # Teacher checkpoint (a path or URL). "random" keeps random weights: for tests only.
     _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""
@@ -100,35 +144,20 @@ def add_fcos_config(cfg: _D2CfgNode) -> None:
     _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
 
-_TEACHER_CONFIG_KEYS = ("MODEL", "DISTILL", "TEACHER", "CONFIG")
+# Every key group of the project, each added by its own function (a model's keys live beside the
+# model). add_distill_config applies them all; a new group is one more entry here, and
+# tests/test_config.py fails for any pkd function named add_*_config that is missing.
+CONFIG_GROUPS: Tuple[Callable[[_D2CfgNode], None], ...] = (
+    _add_distill_keys,
+    add_fcos_config,
+    add_swin_config,
+    add_torchvision_config,
+)
 
 
-class DistillCfgNode(_D2CfgNode):
-    """Detectron2's CfgNode, plus: a relative ``MODEL.DISTILL.TEACHER.CONFIG`` is resolved against
-    the directory of the yaml file that sets it, the way ``_BASE_`` is."""
-
-    @classmethod
-    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
-        loaded = super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
-        node = loaded
-        for key in _TEACHER_CONFIG_KEYS[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            value = node.get(_TEACHER_CONFIG_KEYS[-1])
-            # Bases were resolved (made absolute) when they were loaded, so a relative path left
-            # here was written in this very file.
-            if value and not os.path.isabs(value) and "://" not in value:
-                candidate = os.path.join(os.path.dirname(filename), value)
-                if os.path.exists(candidate):
-                    node[_TEACHER_CONFIG_KEYS[-1]] = os.path.abspath(candidate)
-        return loaded
-
-
-def get_distill_cfg() -> DistillCfgNode:
-    """Detectron2's default config with the distillation, FCOS and Swin keys added."""
+def get_distill_cfg() -> _D2CfgNode:
+    """Detectron2's default config with every key of the project added: ``get_cfg()`` followed by
+    :func:`add_distill_config`, nothing else (``tools/train_net.py`` loads configs with it)."""
     cfg = get_cfg()
     add_distill_config(cfg)
-    add_fcos_config(cfg)
-    add_swin_config(cfg)
-    add_torchvision_config(cfg)
-    return DistillCfgNode(cfg)
+    return cfg

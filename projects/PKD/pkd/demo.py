@@ -6,10 +6,11 @@
    RM-PFI, PGD: the dense RetinaNet in ``output/demo/retina_teacher``);
 3. train the student without distillation and, for the same iterations, with each requested
    method (``configs/Demo/<METHOD>-RetinaNet-MobileNetV2.yaml``; PKD by default), once per seed;
-4. evaluate everything with COCO box AP — the distilled students also from their exported
-   ``model_final.pth`` by plain Detectron2 (``tools/plain_eval.py``, no ``pkd`` import) —, print one
-   table (with several seeds: mean ± std, and each method's gain over the plain student of the
-   same seed) and write it to ``output/demo/results.json``.
+4. evaluate everything with COCO box AP on the held-out ``pkd_demo_test`` split — the distilled
+   students also from their ``model_final.pth`` in plain Detectron2 (``tools/plain_eval.py``), and
+   as TorchScript exported by ``tools/export_model.py`` (AP of the exported model's own
+   outputs) —, print one table (with several seeds: mean ± std, and each method's gain over the
+   plain student of the same seed) and write it to ``output/demo/results.json``.
 
 Every training runs ``tools/train_net.py`` in a subprocess, so Detectron2's own logs (with ETA)
 show the progress. A training whose output directory holds the results of the same configuration
@@ -26,9 +27,18 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from .config import get_distill_cfg
-from .data import DEMO_VAL, register_demo_datasets
+from .data import DEMO_TEST, register_demo_datasets
+from .export import evaluate_exported
 
-__all__ = ["main", "run_demo", "train_cached", "train_teacher", "box_ap", "format_table"]
+__all__ = [
+    "main",
+    "run_demo",
+    "train_cached",
+    "train_teacher",
+    "box_ap",
+    "exported_row",
+    "format_table",
+]
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 DEMO_CONFIGS = os.path.join(REPO, "configs", "Demo")
@@ -144,12 +154,26 @@ def _teacher_of(method_config: str, output_root: str) -> Dict[str, str]:
 
 
 def _plain_eval(weights: str, output_json: str) -> Dict[str, float]:
-    json_file, image_dir = register_demo_datasets()[DEMO_VAL]
+    json_file, image_dir = register_demo_datasets()[DEMO_TEST]
     _run([sys.executable, os.path.join(REPO, "tools", "plain_eval.py"),
           "--config-file", STUDENT_CONFIG, "--weights", weights,
-          "--dataset", DEMO_VAL, json_file, image_dir, "--json", output_json])
+          "--dataset", DEMO_TEST, json_file, image_dir, "--json", output_json])
     with open(output_json) as f:
         return json.load(f)["bbox"]
+
+
+def exported_row(student_config: str, weights: str, export_dir: str, name: str) -> Dict:
+    """Exports a trained student (any student or distillation config, and its weights) to
+    TorchScript with ``tools/export_model.py`` and COCO-evaluates the exported model's own
+    outputs on the demo's test split (:func:`pkd.export.evaluate_exported`): one table row."""
+    _run([sys.executable, os.path.join(REPO, "tools", "export_model.py"),
+          "--config-file", student_config, "--weights", weights,
+          "--format", "torchscript", "--output", export_dir])
+    results = evaluate_exported(export_dir, student_config, dataset=DEMO_TEST,
+                                output_dir=export_dir)
+    with open(os.path.join(export_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2)
+    return {"name": name, "seconds": None, "bbox": results["bbox"], "output_dir": export_dir}
 
 
 def _seed_dir(output_dir: str, seed: int, seeds: Sequence[int]) -> str:
@@ -204,6 +228,9 @@ def run_demo(output_root: str, methods: Sequence[str], retrain_teacher: bool = F
                             os.path.join(dirs[0], "plain_eval.json"))
         rows.append({"name": "  same, model_final.pth in plain Detectron2", "seconds": None,
                      "bbox": plain, "output_dir": dirs[0]})
+        rows.append(exported_row(STUDENT_CONFIG, os.path.join(dirs[0], "model_final.pth"),
+                                 os.path.join(dirs[0], "torchscript"),
+                                 "  same, exported to TorchScript"))
     return rows
 
 
@@ -246,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         json.dump({"rows": rows, "seeds": seeds, "total_seconds": time.perf_counter() - start},
                   f, indent=2)
     rel = os.path.relpath(args.output, REPO)
-    print(f"\nDetectron2-PKD demo — box AP on {DEMO_VAL} (COCO metric), {len(seeds)} seed(s), "
+    print(f"\nDetectron2-PKD demo — box AP on {DEMO_TEST} (COCO metric), {len(seeds)} seed(s), "
           f"{time.perf_counter() - start:.0f} s in all\n{table}\n(written to {rel}/results.json)")
     print(
         "\nNext:\n"
@@ -254,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         f"model.teacher.weights={rel}/teacher/model_final.pth   # LazyConfig\n"
         f"  .venv/bin/python tools/train_net.py --config-file {os.path.relpath(STUDENT_CONFIG, REPO)}"
         f" --eval-only MODEL.WEIGHTS {rel}/student_pkd/model_final.pth   # the student alone\n"
+        f"  .venv/bin/python tools/export_model.py --config-file {os.path.relpath(STUDENT_CONFIG, REPO)}"
+        f" --weights {rel}/student_pkd/model_final.pth --format onnx "
+        f"--output {rel}/student_pkd/onnx   # deploy (README: Deploy)\n"
         "  .venv/bin/tensorboard --logdir output/demo   # loss_pkd_* and kd/pcc_* curves\n"
         "  make demo SEEDS=0,1,2   # the gain over three seeds (mean ± std)\n"
         "  COCO recipes: README.md, 'The published COCO recipes'"

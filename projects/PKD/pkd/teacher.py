@@ -15,6 +15,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
 
 from .checkpoint import CheckpointLoadError, DistillCheckpointer
+from .config import PROJECT_CONFIGS, get_distill_cfg
 from .losses.base import DenseHeadOutputs
 from .students import capture_tower_taps, dense_head_outputs
 
@@ -24,6 +25,7 @@ __all__ = [
     "build_teacher_model",
     "load_teacher",
     "load_teacher_config",
+    "resolve_teacher_config",
     "RANDOM_WEIGHTS",
 ]
 
@@ -54,20 +56,50 @@ def _split_overrides(opts: Sequence[str]) -> Tuple[List[str], List[str]]:
     return flat, kv
 
 
-def _resolve_config_path(config: str) -> str:
-    if os.path.isfile(config):
-        return config
-    from detectron2 import model_zoo  # imported lazily: it warns at import
+def resolve_teacher_config(config: str) -> str:
+    """The file a ``MODEL.DISTILL.TEACHER.CONFIG`` value names, resolved the same way from any
+    working directory for the shipped configs:
 
-    try:
-        return model_zoo.get_config_file(config)
-    except RuntimeError:
-        raise FileNotFoundError(
-            f"Teacher config '{config}' is neither a file (relative paths resolve against the "
-            f"config that names them, then the working directory '{os.getcwd()}') nor a "
-            "Detectron2 model-zoo config name. Set MODEL.DISTILL.TEACHER.CONFIG to an existing "
-            ".yaml/.py file."
-        ) from None
+    - an absolute path: that file;
+    - a relative path: the file relative to the working directory, else relative to the
+      project's ``configs/`` directory (:data:`pkd.config.PROJECT_CONFIGS`; the shipped configs
+      write e.g. ``teachers/MaskRCNN-SwinS-FPN-3x.yaml``); if both exist and differ, an error
+      (give an absolute path);
+    - else a Detectron2 model-zoo config name (``COCO-Detection/retinanet_R_50_FPN_1x.yaml``).
+
+    Returns:
+        the absolute path of the teacher's ``.yaml``/``.py`` config.
+    """
+    if not config:
+        raise ValueError(
+            "MODEL.DISTILL.TEACHER.CONFIG is empty: name the teacher's config file (.yaml or .py)."
+        )
+    if os.path.isabs(config):
+        found = [config] if os.path.isfile(config) else []
+    else:
+        found = [p for p in (os.path.abspath(config), os.path.join(PROJECT_CONFIGS, config))
+                 if os.path.isfile(p)]
+    if len(found) == 2 and not os.path.samefile(*found):
+        raise ValueError(
+            f"Teacher config '{config}' is ambiguous: both {found[0]} (working directory) and "
+            f"{found[1]} (the project's configs/) exist. Set MODEL.DISTILL.TEACHER.CONFIG to the "
+            "absolute path of the one you mean."
+        )
+    if found:
+        return os.path.normpath(found[-1])
+    if not os.path.isabs(config) and not os.path.normpath(config).startswith(os.pardir):
+        from detectron2 import model_zoo  # imported lazily: it warns at import
+
+        try:
+            return model_zoo.get_config_file(config)
+        except RuntimeError:
+            pass
+    raise FileNotFoundError(
+        f"Teacher config '{config}' was not found: it is neither a file (absolute, or relative to "
+        f"the working directory '{os.getcwd()}' or to the project's configs directory "
+        f"'{PROJECT_CONFIGS}', e.g. 'teachers/MaskRCNN-SwinS-FPN-3x.yaml') nor a Detectron2 "
+        "model-zoo config name. Set MODEL.DISTILL.TEACHER.CONFIG to an existing .yaml/.py file."
+    )
 
 
 def load_teacher_config(config: str, opts: Sequence[str] = ()):
@@ -76,17 +108,11 @@ def load_teacher_config(config: str, opts: Sequence[str] = ()):
     Returns:
         (cfg, kind): the loaded config and ``"yacs"`` or ``"lazy"``.
     """
-    if not config:
-        raise ValueError(
-            "MODEL.DISTILL.TEACHER.CONFIG is empty: name the teacher's config file (.yaml or .py)."
-        )
-    path = _resolve_config_path(config)
+    path = resolve_teacher_config(config)
     flat, kv = _split_overrides(opts)
     if path.endswith(".py"):
         cfg = LazyConfig.load(path)
         return LazyConfig.apply_overrides(cfg, kv), "lazy"
-    from .config import get_distill_cfg
-
     cfg = get_distill_cfg()
     cfg.merge_from_file(path)
     cfg.merge_from_list(flat)
@@ -198,6 +224,7 @@ class FrozenTeacher(nn.Module):
         weights: str,
         input_format: str = "BGR",
         required_parts: Sequence[str] = ("backbone",),
+        config: Optional[str] = None,
     ):
         """
         Args:
@@ -206,6 +233,7 @@ class FrozenTeacher(nn.Module):
             input_format: the channel order the teacher was trained with ("BGR"/"RGB").
             required_parts: submodules the checkpoint must cover: ("backbone",) for feature
                 losses, ("backbone", "head") when a loss needs the teacher's dense predictions.
+            config: the config file the teacher was built from (kept for logs and checks).
         """
         super().__init__()
         if not hasattr(model, "backbone") or not hasattr(model.backbone, "output_shape"):
@@ -220,6 +248,7 @@ class FrozenTeacher(nn.Module):
         self.input_format = input_format
         self.weights = weights
         self.required_parts = tuple(required_parts)
+        self.config = config
         super().train(False)
 
     def train(self, mode: bool = True):
@@ -323,9 +352,15 @@ def load_teacher(
     """Builds the teacher from its own config file, loads ``weights`` strictly and freezes it.
     Usable in LazyConfig: ``teacher=L(load_teacher)(config=..., weights=...)``; see
     :class:`FrozenTeacher` for ``required_parts``."""
-    model, input_format = build_teacher_model(config, opts, device)
+    path = resolve_teacher_config(config)
+    logger.info(f"Teacher config: {path} (MODEL.DISTILL.TEACHER.CONFIG '{config}')")
+    model, input_format = build_teacher_model(path, opts, device)
     return FrozenTeacher(
-        model, weights=weights, input_format=input_format, required_parts=required_parts
+        model,
+        weights=weights,
+        input_format=input_format,
+        required_parts=required_parts,
+        config=path,
     )
 
 
