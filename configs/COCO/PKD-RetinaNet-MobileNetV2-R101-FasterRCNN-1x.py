@@ -6,7 +6,6 @@ RetinaNet LazyConfig with torchvision's ImageNet MobileNetV2 as the bottom-up ne
   tools/train_net.py --config-file configs/COCO/PKD-RetinaNet-MobileNetV2-R101-FasterRCNN-1x.py \
       --num-gpus 8
 """
-import os
 from collections import OrderedDict
 
 from detectron2 import model_zoo

@@ -36,7 +36,7 @@ import importlib.metadata
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
