@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 from .config import get_distill_cfg
 from .data import DEMO_TEST, register_demo_datasets
 from .export import evaluate_exported
+from .teacher import resolve_teacher_config
 
 __all__ = [
     "main",
@@ -149,7 +150,7 @@ def _teacher_of(method_config: str, output_root: str) -> Dict[str, str]:
     cfg = get_distill_cfg()
     cfg.merge_from_file(method_config)
     folder = os.path.basename(os.path.dirname(cfg.MODEL.DISTILL.TEACHER.WEIGHTS))
-    return {"config": cfg.MODEL.DISTILL.TEACHER.CONFIG,
+    return {"config": resolve_teacher_config(cfg.MODEL.DISTILL.TEACHER.CONFIG),
             "output_dir": os.path.join(output_root, folder)}
 
 
