@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .config import get_distill_cfg
 from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 
 __all__ = ["main", "run_demo"]
@@ -75,8 +76,6 @@ def _digest(paths: Sequence[str]) -> str:
 def _teacher_of(method_config: str, output_root: str) -> Tuple[str, str]:
     """(teacher config, teacher weights) that a demo distillation config names; the weights'
     folder (e.g. ``teacher`` in ``output/demo/teacher/model_final.pth``) is put in output_root."""
-    from .config import get_distill_cfg
-
     cfg = get_distill_cfg()
     cfg.merge_from_file(method_config)
     weights = cfg.MODEL.DISTILL.TEACHER.WEIGHTS
