@@ -194,8 +194,11 @@ def test_crafted_pickle_never_runs(tmp_path, suffix, monkeypatch):
     assert not os.path.exists(marker)
 
 
+NAME_TO_NAME = ["MODEL.DISTILL.FEATURE_PAIRS", "[['p3', 'p3'], ['p4', 'p4'], ['p5', 'p5']]"]
+
+
 def test_inherit_copies_fpn_and_head_where_they_match():
-    cfg = distill_cfg("RetinaNet", ["MODEL.DISTILL.INHERIT", "True"])
+    cfg = distill_cfg("RetinaNet", ["MODEL.DISTILL.INHERIT", "True"] + NAME_TO_NAME)
     model = build_seeded(cfg)
     copied, not_copied = model.inherit_from_teacher()
     teacher = model.teacher.model.state_dict()
@@ -207,6 +210,13 @@ def test_inherit_copies_fpn_and_head_where_they_match():
     off = build_seeded(distill_cfg("RetinaNet"))
     assert not torch.equal(off.student.state_dict()["backbone.fpn_lateral3.weight"],
                            off.teacher.model.state_dict()["backbone.fpn_lateral3.weight"])
+
+
+def test_inherit_is_refused_when_pairs_are_not_name_to_name():
+    # The default pairing of a RetinaNet student with the R-CNN teacher is p3<-p2, ..., p6<-p5.
+    cfg = distill_cfg("RetinaNet", ["MODEL.DISTILL.INHERIT", "True"])
+    with pytest.raises(ValueError, match=r"INHERIT.*\('p3', 'p2'\).*another name"):
+        build_seeded(cfg)
 
 
 def test_trainable_kd_modules_are_saved_apart_and_restored(tmp_path):

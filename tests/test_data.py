@@ -7,10 +7,10 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from pycocotools.coco import COCO
 
-from pkd.data import (DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL, _random_background, _render_image,
-                      build_demo_dataset, register_demo_datasets)
+from pkd.data import (DEMO_CLASSES, DEMO_TEST, DEMO_TRAIN, DEMO_VAL, _random_background,
+                      _render_image, build_demo_dataset, register_demo_datasets)
 
-SMALL = dict(num_train=12, num_val=6)
+SMALL = dict(num_train=12, num_val=6, num_test=5)
 
 
 def _files(root):
@@ -32,11 +32,12 @@ def small_build(tmp_path_factory):
 
 def test_layout(small_build):
     root, paths = small_build
-    assert set(paths) == {DEMO_TRAIN, DEMO_VAL}
+    assert set(paths) == {DEMO_TRAIN, DEMO_VAL, DEMO_TEST}
     assert paths[DEMO_TRAIN] == (os.path.join(root, "annotations", "instances_train.json"),
                                  os.path.join(root, "train"))
     assert len(os.listdir(paths[DEMO_TRAIN][1])) == SMALL["num_train"]
     assert len(os.listdir(paths[DEMO_VAL][1])) == SMALL["num_val"]
+    assert len(os.listdir(paths[DEMO_TEST][1])) == SMALL["num_test"]
     assert len(DEMO_CLASSES) == 3
 
 
@@ -55,7 +56,7 @@ def test_seed_changes_images(small_build, tmp_path):
     assert first["annotations/instances_train.json"] != second["annotations/instances_train.json"]
 
 
-@pytest.mark.parametrize("split", [DEMO_TRAIN, DEMO_VAL])
+@pytest.mark.parametrize("split", [DEMO_TRAIN, DEMO_VAL, DEMO_TEST])
 def test_coco_valid(small_build, split):
     json_path, image_dir = small_build[1][split]
     coco = COCO(json_path)
@@ -106,7 +107,7 @@ def test_rebuild_skipped_when_manifest_matches(tmp_path):
         os.utime(path, (1, 1))
     build_demo_dataset(root, **SMALL)
     assert [os.stat(p).st_mtime for p in watched] == [1, 1]
-    build_demo_dataset(root, num_train=SMALL["num_train"] + 1, num_val=SMALL["num_val"])
+    build_demo_dataset(root, **dict(SMALL, num_train=SMALL["num_train"] + 1))
     assert all(os.stat(p).st_mtime != 1 for p in watched)
     assert len(os.listdir(paths[DEMO_TRAIN][1])) == SMALL["num_train"] + 1
 
@@ -115,7 +116,7 @@ def test_rebuild_skipped_when_manifest_matches(tmp_path):
 def clean_catalog():
     """Unregister the demo datasets before and after the test."""
     def unregister():
-        for name in (DEMO_TRAIN, DEMO_VAL):
+        for name in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST):
             if name in DatasetCatalog:
                 DatasetCatalog.remove(name)
                 MetadataCatalog.remove(name)
@@ -131,7 +132,7 @@ def test_register(tmp_path, monkeypatch, clean_catalog):
     paths = register_demo_datasets()
     assert paths[DEMO_VAL][0] == str(tmp_path / "pkd_demo" / "annotations" / "instances_val.json")
     assert register_demo_datasets(str(tmp_path / "pkd_demo")) == paths  # idempotent
-    for name in (DEMO_TRAIN, DEMO_VAL):
+    for name in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST):
         dicts = DatasetCatalog.get(name)
         assert dicts and all("annotations" in d for d in dicts)
         assert any(d["annotations"] for d in dicts)

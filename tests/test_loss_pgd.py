@@ -12,10 +12,13 @@ from pkd.losses.pgd import (  # importing the module registers "PGD"
     PGDLoss,
     gaussian_weights,
     key_location_weights,
+    location_centers,
+    per_location,
     pgd_cls_loss,
     pgd_reg_loss,
     pgd_value_maps,
 )
+from pkd.students import dense_head_outputs
 
 from pkd_testing import DEMO, TINY_INPUT, build_seeded, make_batch
 
@@ -51,6 +54,13 @@ def _fcos_outputs(logits=None):
     deltas = [torch.ones(1, 4, h, w) for h, w in GRID]
     ctrness = [torch.zeros(1, 1, h, w) for h, w in GRID]
     return features, [logits, deltas, ctrness]
+
+
+def _material(model, features, outputs):
+    """The head material of hand-made head ``outputs`` on ``features`` (taps: the features)."""
+    taps = {"cls": features, "reg": features}
+    anchors = model.anchor_generator(features)
+    return dense_head_outputs(model, outputs, taps, anchors, decode_boxes=True)
 
 
 def _center(model, level, y, x):
@@ -120,7 +130,8 @@ def test_value_maps_orientation_on_a_non_square_grid(fcos):
     box = [150.0, 10.0, 230.0, 60.0]  # top right of a wide image
     features, outputs = _fcos_outputs()
     (cls_maps, reg_maps), background = pgd_value_maps(
-        fcos, features, outputs, [_instances([box], [1])], topk=30, quality_alphas=(0.8, 0.6)
+        _material(fcos, features, outputs), [_instances([box], [1])], topk=30,
+        quality_alphas=(0.8, 0.6),
     )
     selected = 0
     for level, (h, w) in enumerate(GRID):
@@ -144,7 +155,8 @@ def test_value_maps_use_the_gt_class_score(fcos):
     logits[1][0, 0, 3, 9] = 9.0  # another class, higher, at p4 (y=3, x=9)
     features, outputs = _fcos_outputs(logits)
     (maps,), _ = pgd_value_maps(
-        fcos, features, outputs, [_instances([box], [2])], topk=1, quality_alphas=(0.8,)
+        _material(fcos, features, outputs), [_instances([box], [2])], topk=1,
+        quality_alphas=(0.8,),
     )
     assert maps[1][0, 3, 5].item() == 1.0  # the single candidate gets weight 1
     assert sum(int((m > 0).sum()) for m in maps) == 1
@@ -162,30 +174,77 @@ def test_several_anchors_per_location_reduce_by_max():
     ]
     gt = _instances([[30.0, 20.0, 120.0, 100.0], [140.0, 8.0, 250.0, 60.0]], [0, 2])
     (maps,), background = pgd_value_maps(
-        retina, features, outputs, [gt], topk=30, quality_alphas=(0.6,), noise=0.0
+        _material(retina, features, outputs), [gt], topk=30, quality_alphas=(0.6,), noise=0.0
     )
-    # Reference: per-anchor weights, indexed explicitly in Detectron2's (level, y, x, anchor) order.
+    # Reference: per-anchor quality, indexed explicitly in Detectron2's (level, y, x, anchor)
+    # order; a location takes the max over its anchors, and top-k runs over locations.
     anchors = Boxes.cat(retina.anchor_generator(features))
     deltas = torch.cat([d.permute(0, 2, 3, 1).reshape(-1, 4) for d in outputs[1]])
     scores = torch.cat([s.permute(0, 2, 3, 1).reshape(-1, 3) for s in outputs[0]]).sigmoid()
     boxes = retina.box2box_transform.apply_deltas(deltas, anchors.tensor)
     iou = pairwise_iou(Boxes(boxes), gt.gt_boxes).clamp_min(0)
-    quality = scores[:, gt.gt_classes] ** 0.4 * iou**0.6
-    weights = key_location_weights(anchors.get_centers(), quality, gt.gt_boxes.tensor, 30, 0.0)
-    start = 0
-    for level, (h, w) in enumerate(GRID):
+    quality = scores[:, gt.gt_classes] ** 0.4 * iou**0.6  # (R, G)
+    location_quality, centers, start = [], [], 0
+    for h, w in GRID:
         for y in range(h):
             for x in range(w):
                 first = start + (y * w + x) * a
-                assert maps[level][0, y, x] == weights[first : first + a].max()
+                location_quality.append(quality[first : first + a].max(dim=0).values)
+                centers.append(anchors.get_centers()[first])
         start += h * w * a
+    weights = key_location_weights(
+        torch.stack(centers), torch.stack(location_quality), gt.gt_boxes.tensor, 30, 0.0
+    )
+    index = 0
+    for level, (h, w) in enumerate(GRID):
+        for y in range(h):
+            for x in range(w):
+                assert maps[level][0, y, x] == weights[index]
+                index += 1
     assert sum(int((m > 0).sum()) for m in maps) <= 60
+
+
+def test_top_k_keeps_k_distinct_locations_of_a_multi_anchor_head():
+    retina = build_seeded(_cfg("RetinaNet-R18-teacher.yaml")).eval()
+    a = retina.anchor_generator.num_anchors[0]
+    box = [16.0, 16.0, 240.0, 112.0]
+    features = [torch.zeros(1, 8, h, w) for h, w in GRID]
+    logits = []
+    for level, (h, w) in enumerate(GRID):
+        inside = torch.tensor(
+            [[_strictly_inside(_center(retina, level, y, x), box) for x in range(w)]
+             for y in range(h)]
+        )
+        # The GT's class scores high inside the box only, the same for every anchor there.
+        level_logits = torch.full((1, a * 3, h, w), -20.0)
+        level_logits[0, 1::3] = torch.where(inside, 4.0, -20.0)
+        logits.append(level_logits)
+    outputs = [logits, [torch.zeros(1, a * 4, h, w) for h, w in GRID]]
+    (maps,), _ = pgd_value_maps(
+        _material(retina, features, outputs), [_instances([box], [1])], topk=30,
+        quality_alphas=(0.6,), noise=0.0,
+    )
+    # 30 candidate locations, not 30 anchors (which would cover only a few locations).
+    assert sum(int((m > 0).sum()) for m in maps) == 30
+
+
+def test_per_location_helpers_follow_detectron2s_anchor_order():
+    grids, anchors_per_location = [(2, 3), (1, 2)], [2, 2]
+    values = torch.arange(16.0)  # 2*3*2 + 1*2*2 anchors
+    assert per_location(values, grids, anchors_per_location).tolist() == [
+        1, 3, 5, 7, 9, 11, 13, 15
+    ]
+    boxes = torch.tensor([[x, 0.0, x + 2, 4] for x in range(16)])
+    boxes[1::2] += torch.tensor([-1.0, -1.0, 1.0, 1.0])  # the 2nd anchor: same centre, larger
+    centers = location_centers(boxes, grids, anchors_per_location)
+    assert centers[:, 0].tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
 
 
 def test_image_without_boxes(fcos):
     features, outputs = _fcos_outputs()
     (cls_maps, reg_maps), background = pgd_value_maps(
-        fcos, features, outputs, [_instances([], [])], topk=30, quality_alphas=(0.8, 0.6)
+        _material(fcos, features, outputs), [_instances([], [])], topk=30,
+        quality_alphas=(0.8, 0.6),
     )
     assert all((m == 0).all() for m in cls_maps + reg_maps)
     assert all((b == 1).all() for b in background)
@@ -257,7 +316,7 @@ def test_training_step_fcos_student_and_teacher():
         losses = model(make_batch())  # second image has no boxes
         sum(losses.values()).backward()
         plain = model.student(make_batch())
-    levels = [s for s, _ in model.feature_pairs]
+    levels = model.student.head_in_features  # every head level, p3..p7
     expected = {f"loss_pgd_{kind}_{s}" for s in levels for kind in ("cls", "reg")}
     assert expected <= set(losses)
     assert set(losses) - expected == set(plain)
@@ -267,9 +326,53 @@ def test_training_step_fcos_student_and_teacher():
     assert any(p.grad is not None for p in model.student.backbone.parameters())
 
 
-def test_student_level_outside_the_head_is_an_error():
-    cfg = _cfg("PGD-FCOS-R18.yaml", ["MODEL.FCOS.IN_FEATURES", "['p4', 'p5', 'p6', 'p7']"])
+@pytest.mark.parametrize("config", ["PGD-FCOS-R18.yaml", "PGD-RetinaNet-R18.yaml"])
+def test_pgd_imitates_the_first_block_of_each_head_tower(config):
+    model = build_seeded(_cfg(config, ["MODEL.DISTILL.INHERIT", "False"])).train()
+    batch = make_batch()
+    with EventStorage():
+        _, inputs = model.distill_inputs(batch)
+        pgd = model.distill_losses["PGD"]
+        torch.manual_seed(0)
+        losses = pgd(inputs)
+        pred = inputs.predictions
+        for side, model_ in ((pred.student, model.student), (pred.teacher, model.teacher.model)):
+            head = model_.head
+            features = model_.backbone(
+                model.teacher.preprocess(batch, "BGR", inputs.image_size)
+                if model_ is model.teacher.model
+                else model.student.preprocess_image(batch).tensor
+            )
+            for i, level in enumerate(model_.head_in_features):
+                with torch.no_grad():
+                    assert torch.allclose(side.cls_taps[i], head.cls_subnet[:3](features[level]))
+                    assert torch.allclose(side.reg_taps[i], head.bbox_subnet[:3](features[level]))
+        # The FPN maps are no longer what PGD compares: changing them changes nothing ...
+        inputs.student_features = [torch.randn_like(x) for x in inputs.student_features]
+        inputs.teacher_features = [torch.randn_like(x) for x in inputs.teacher_features]
+        torch.manual_seed(0)
+        same = pgd(inputs)
+        # ... while the tower taps are what it compares.
+        pred.student.cls_taps[0] = pred.teacher.cls_taps[0].clone()
+        pred.student.reg_taps[0] = pred.teacher.reg_taps[0].clone()
+        torch.manual_seed(0)
+        changed = pgd(inputs)
+    assert all(torch.equal(losses[k], same[k]) for k in losses)
+    level = model.student.head_in_features[0]
+    assert changed[f"loss_pgd_reg_{level}"] == 0
+    assert changed[f"loss_pgd_cls_{level}"] < losses[f"loss_pgd_cls_{level}"]
+
+
+def test_teacher_on_other_head_levels_is_refused():
+    cfg = _cfg("PGD-FCOS-R18.yaml")
     cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.FCOS.IN_FEATURES", "['p4', 'p5', 'p6', 'p7']"]
+    with pytest.raises(ValueError, match="location by location"):
+        build_seeded(cfg)
+
+
+def test_other_tower_width_is_an_error():
+    cfg = _cfg("PGD-FCOS-R18.yaml", ["MODEL.DISTILL.INHERIT", "False"])
+    cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.FPN.OUT_CHANNELS", "32"]
     model = build_seeded(cfg).train()
-    with EventStorage(), pytest.raises(ValueError, match="student level p3.*head levels"):
+    with EventStorage(), pytest.raises(ValueError, match="same tower width"):
         model(make_batch())

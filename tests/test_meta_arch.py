@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from detectron2.utils.events import EventStorage
 from pkd.meta_arch import student_config
 from pkd.teacher import FrozenTeacher, TeacherCheckpointError, load_teacher
 
-from pkd_testing import TEACHER_YAML, TINY_INPUT, TINY_TEACHER_OPTS, build_seeded, distill_cfg, make_batch
+from pkd_testing import DEMO, TEACHER_YAML, TINY_INPUT, TINY_TEACHER_OPTS, build_seeded, distill_cfg, make_batch
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +246,22 @@ def test_teacher_config_resolves_relative_to_the_config_file():
 def test_frozen_teacher_rejects_non_detectors():
     with pytest.raises(TypeError, match="backbone"):
         FrozenTeacher(torch.nn.Linear(2, 2), weights="random")
+
+
+def test_dense_material_is_computed_once_per_step(monkeypatch):
+    cfg = distill_cfg("RetinaNet", TINY_INPUT + ["MODEL.DISTILL.LOSSES", "['PKD', 'RM']"])
+    cfg.MODEL.DISTILL.TEACHER.CONFIG = os.path.join(DEMO, "RetinaNet-R18-teacher.yaml")
+    cfg.MODEL.DISTILL.TEACHER.OPTS = []
+    model = build_seeded(cfg).train()
+    calls = []
+    original = type(model.student).label_anchors
+
+    def counted(self, anchors, gt_instances):
+        calls.append(len(gt_instances))
+        return original(self, anchors, gt_instances)
+
+    monkeypatch.setattr(type(model.student), "label_anchors", counted)
+    with EventStorage():
+        losses = model(make_batch())
+    assert calls == [2]  # the student's own training forward; RM reuses its assignment
+    assert "loss_rm" in losses and "label_anchors" not in vars(model.student)

@@ -1,5 +1,5 @@
 """LazyConfig twin of FGD-RetinaNet-R18.yaml: FGD (its defaults, the RetinaNet recipe) from the
-Faster R-CNN R18 teacher, student FPN inherited from the teacher where shapes match."""
+Faster R-CNN R18 teacher; no inheriting (student p3 learns from teacher p2)."""
 from detectron2.config import LazyCall as L
 
 from pkd.losses import MultiLevelFGDLoss
@@ -10,6 +10,5 @@ model = distill(
     {"FGD": L(MultiLevelFGDLoss)(channels=[(CHANNELS, CHANNELS)] * 4)},
     "FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
-    inherit=True,
 )
 train.output_dir = "output/demo/student_fgd_lazy"

@@ -33,6 +33,9 @@ from skimage import filters, measure, morphology, segmentation
 
 DEMO_TRAIN = "pkd_demo_train"
 DEMO_VAL = "pkd_demo_val"
+# A larger held-out split for measuring accuracy (benchmarks/accuracy.py), used for nothing else:
+# settings are chosen on DEMO_VAL, never on the split a result is reported on.
+DEMO_TEST = "pkd_demo_test"
 DEMO_CLASSES = ("coin", "cat", "cup")
 
 _VERSION = 1
@@ -184,41 +187,47 @@ def _build_split(image_dir: str, json_path: str, num_images: int, seed: int, spl
                    "images": images, "annotations": annotations, "categories": categories}, f)
 
 
+_SPLITS = ((DEMO_TRAIN, "train"), (DEMO_VAL, "val"), (DEMO_TEST, "test"))
+
+
 def _split_paths(root: str) -> Dict[str, Tuple[str, str]]:
     """``{split_name: (json_path, image_dir)}`` of the demo dataset under ``root``."""
     return {name: (os.path.join(root, "annotations", f"instances_{split}.json"),
                    os.path.join(root, split))
-            for name, split in ((DEMO_TRAIN, "train"), (DEMO_VAL, "val"))}
+            for name, split in _SPLITS}
 
 
-def build_demo_dataset(root: str, num_train: int = 240, num_val: int = 60,
+def build_demo_dataset(root: str, num_train: int = 240, num_val: int = 60, num_test: int = 300,
                        seed: int = 0) -> Dict[str, Tuple[str, str]]:
     """Write the demo dataset under ``root`` unless an identical build is already there.
 
-    Writes ``root/{train,val}/NNNNNN.png``, ``root/annotations/instances_{train,val}.json`` and,
-    last, ``root/manifest.json`` (version, seed and sizes); a build with the same manifest is
+    Writes ``root/{train,val,test}/NNNNNN.png``, ``root/annotations/instances_{split}.json``
+    and, last, ``root/manifest.json`` (version, seed and sizes); a build with the same manifest is
     reused as it is.
 
     Returns:
-        ``{DEMO_TRAIN: (json_path, image_dir), DEMO_VAL: (json_path, image_dir)}``.
+        ``{DEMO_TRAIN: (json_path, image_dir), DEMO_VAL: ..., DEMO_TEST: ...}``.
     """
     paths = _split_paths(root)
     manifest_path = os.path.join(root, "manifest.json")
-    manifest = {"version": _VERSION, "seed": seed, "num_train": num_train, "num_val": num_val}
+    manifest = {"version": _VERSION, "seed": seed, "num_train": num_train, "num_val": num_val,
+                "num_test": num_test}
     if os.path.isfile(manifest_path) and all(os.path.isfile(j) for j, _ in paths.values()):
         with open(manifest_path) as f:
             if json.load(f) == manifest:
                 return paths
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, (name, count) in enumerate(((DEMO_TRAIN, num_train), (DEMO_VAL, num_val))):
-        _build_split(paths[name][1], paths[name][0], count, seed, split)
+    counts = {DEMO_TRAIN: num_train, DEMO_VAL: num_val, DEMO_TEST: num_test}
+    for split, (name, _) in enumerate(_SPLITS):
+        _build_split(paths[name][1], paths[name][0], counts[name], seed, split)
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
     return paths
 
 
 def register_demo_datasets(root: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
-    """Build the default-sized demo dataset if needed and register ``DEMO_TRAIN`` and ``DEMO_VAL``.
+    """Build the default-sized demo dataset if needed and register its splits (``DEMO_TRAIN``,
+    ``DEMO_VAL``, ``DEMO_TEST``).
 
     ``root`` defaults to ``$DETECTRON2_DATASETS/pkd_demo`` (``datasets/pkd_demo``). Names that are
     already registered for the same json file are left alone, so calling this twice is harmless;

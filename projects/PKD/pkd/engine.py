@@ -35,7 +35,7 @@ from detectron2.utils.registry import locate
 from .checkpoint import DistillCheckpointer
 from .config import get_distill_cfg
 from .cpu_memory import retain_freed_cpu_memory
-from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
+from .data import DEMO_TEST, DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
 from .solver import build_optimizer
 from .train_loader import build_resumable_lazy_train_loader, build_resumable_train_loader
@@ -199,7 +199,7 @@ def build_student_for_eval(cfg) -> nn.Module:
 
 
 def _register_builtin_datasets(names) -> None:
-    if any(n in (DEMO_TRAIN, DEMO_VAL) for n in names):
+    if any(n in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST) for n in names):
         register_demo_datasets()
 
 

@@ -18,7 +18,7 @@ from .losses import (
     build_distill_losses,
     channel_pearson,
 )
-from .students import check_dense_student, check_student, run_student
+from .students import StudentOutputs, check_dense_student, check_student, run_student
 from .teacher import FrozenTeacher, load_teacher
 
 __all__ = ["DistillMetaArch", "resolve_feature_pairs", "student_config"]
@@ -141,12 +141,9 @@ class DistillMetaArch(nn.Module):
             getattr(loss, "needs_predictions", False) for loss in self.distill_losses.values()
         )
         if self.needs_predictions:
-            check_dense_student(student)
-            teacher.check_dense()
-        for loss in self.distill_losses.values():
-            if hasattr(loss, "check_models"):
-                loss.check_models(student, teacher.model)
+            self._check_dense_pair()
         if inherit:
+            self._check_inherit_pairs()
             self.inherit_from_teacher()
         for s, t in self.feature_pairs:
             if student_shapes[s].stride != teacher_shapes[t].stride:
@@ -154,6 +151,53 @@ class DistillMetaArch(nn.Module):
                     f"Distilling student {s} (stride {student_shapes[s].stride}) from teacher {t} "
                     f"(stride {teacher_shapes[t].stride}): maps are resized to a common size."
                 )
+
+    def _check_dense_pair(self) -> None:
+        """Prediction-guided losses compare the two dense heads location by location (and RM/PFI
+        anchor by anchor): both must be dense, on one grid of head levels, with the same
+        classes."""
+        student, teacher = self.student, self.teacher.model
+        check_dense_student(student)
+        self.teacher.check_dense()
+        strides = [
+            [m.backbone.output_shape()[f].stride for f in m.head_in_features]
+            for m in (student, teacher)
+        ]
+        if strides[0] != strides[1]:
+            raise ValueError(
+                f"Prediction-guided losses compare the heads location by location, but the "
+                f"student's head levels {list(student.head_in_features)} have strides "
+                f"{strides[0]} and the teacher's {list(teacher.head_in_features)} {strides[1]}. "
+                "Use a dense teacher with the student's head levels."
+            )
+        if student.num_classes != teacher.num_classes:
+            raise ValueError(
+                f"Prediction-guided losses: the student predicts {student.num_classes} classes and "
+                f"the teacher {teacher.num_classes}; both must be trained on the same classes."
+            )
+        anchor_losses = [
+            n for n, l in self.distill_losses.items() if getattr(l, "compares_anchors", False)
+        ]
+        s_anchors = list(student.anchor_generator.num_anchors)
+        t_anchors = list(teacher.anchor_generator.num_anchors)
+        if anchor_losses and s_anchors != t_anchors:
+            raise ValueError(
+                f"{anchor_losses} compare predictions anchor by anchor, but the student has "
+                f"{s_anchors} anchors per location (per head level) and the teacher {t_anchors}. "
+                "Use a teacher with the student's MODEL.ANCHOR_GENERATOR sizes/aspect ratios."
+            )
+
+    def _check_inherit_pairs(self) -> None:
+        crossed = [(s, t) for s, t in self.feature_pairs if s != t]
+        if crossed:
+            raise ValueError(
+                f"MODEL.DISTILL.INHERIT copies the teacher's FPN and head into the student by "
+                f"name, but feature pairs {crossed} distil a student level from a teacher level of "
+                "another name: the inherited layers of a level would then be pulled toward a "
+                "different teacher level. Inherit only with name-to-name pairs (a teacher of the "
+                "student's family, e.g. RetinaNet X101 -> RetinaNet R50; set "
+                "MODEL.DISTILL.FEATURE_PAIRS), or set MODEL.DISTILL.INHERIT False."
+            )
 
     @torch.no_grad()
     def inherit_from_teacher(self) -> Tuple[List[str], List[str]]:
@@ -181,7 +225,11 @@ class DistillMetaArch(nn.Module):
         return copied, not_copied
 
     def _check_channels(self, student_shapes, teacher_shapes) -> None:
-        strict = [n for n, l in self.distill_losses.items() if not getattr(l, "has_adapter", False)]
+        strict = [
+            n
+            for n, l in self.distill_losses.items()
+            if getattr(l, "uses_feature_pairs", True) and not getattr(l, "has_adapter", False)
+        ]
         for s, t in self.feature_pairs:
             cs, ct = student_shapes[s].channels, teacher_shapes[t].channels
             if cs != ct and strict:
@@ -239,7 +287,22 @@ class DistillMetaArch(nn.Module):
         """
         if not self.training:
             return self.student(batched_inputs)
+        losses, inputs = self.distill_inputs(batched_inputs)
+        losses = dict(losses)
+        for terms in self.distillation_losses(inputs).values():
+            clash = set(terms) & set(losses)
+            if clash:
+                raise RuntimeError(f"Distillation loss names {clash} collide with others.")
+            losses.update(terms)
+        self._log_correlation(inputs)
+        return losses
 
+    def distill_inputs(self, batched_inputs: List[Dict]) -> Tuple[Dict[str, torch.Tensor], DistillInputs]:
+        """Runs the teacher and the student's own training forward once.
+
+        Returns:
+            (the student's own losses, the material every distillation loss reads).
+        """
         teacher_features = {}
 
         def run_teacher(student_images):
@@ -261,27 +324,25 @@ class DistillMetaArch(nn.Module):
         )
         if self.needs_predictions:
             inputs.predictions = self._dense_predictions(outputs, teacher_features)
-        losses = dict(outputs.losses)
-        # Distillation losses are computed in fp32, also under AMP.
-        with torch.autocast(self.device.type, enabled=False):
-            for loss in self.distill_losses.values():
-                terms = loss(inputs)
-                clash = set(terms) & set(losses)
-                if clash:
-                    raise RuntimeError(f"Distillation loss names {clash} collide with others.")
-                losses.update(terms)
-        self._log_correlation(inputs)
-        return losses
+        return outputs.losses, inputs
 
-    def _dense_predictions(self, outputs, teacher_features) -> DensePredictions:
-        teacher_head_features, teacher_outputs = self.teacher.dense_head(teacher_features)
+    def distillation_losses(self, inputs: DistillInputs) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Applies every configured loss to ``inputs``, in fp32 also under AMP.
+
+        Returns:
+            {loss name: {"loss_<method>_<level>": scalar, ...}}.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            return {name: loss(inputs) for name, loss in self.distill_losses.items()}
+
+    def _dense_predictions(
+        self, outputs: StudentOutputs, teacher_features: Dict[str, torch.Tensor]
+    ) -> DensePredictions:
         return DensePredictions(
-            student=self.student,
-            teacher=self.teacher.model,
-            student_features=[outputs.features[f] for f in self.student.head_in_features],
-            teacher_features=teacher_head_features,
-            student_outputs=outputs.predictions,
-            teacher_outputs=teacher_outputs,
+            student=outputs.head,
+            teacher=self.teacher.dense_head(teacher_features),
+            gt_labels=outputs.gt_labels,
+            matched_gt=outputs.matched_gt,
         )
 
     def _log_correlation(self, inputs: DistillInputs) -> None:

@@ -16,6 +16,8 @@ from detectron2.structures import ImageList
 
 from .checkpoint import CheckpointLoadError, DistillCheckpointer
 from .config import get_distill_cfg
+from .losses.base import DenseHeadOutputs
+from .students import capture_tower_taps, dense_head_outputs
 
 __all__ = [
     "FrozenTeacher",
@@ -300,15 +302,24 @@ class FrozenTeacher(nn.Module):
             )
 
     @torch.no_grad()
-    def dense_head(self, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[List[Tensor]]]:
-        """Runs the teacher's own dense head on its backbone maps.
+    def dense_head(self, features: Dict[str, Tensor]) -> DenseHeadOutputs:
+        """Runs the teacher's own dense head on its backbone maps, with its own anchors, and
+        decodes its boxes with its own box transform.
+
+        Args:
+            features: the teacher's backbone dict {level: (N, C, Hl, Wl)}.
 
         Returns:
-            (head inputs in ``head_in_features`` order, the head's per-level outputs).
+            the head's material, ``boxes`` included (N, R, 4).
         """
         self.check_dense()
-        head_features = [features[f] for f in self.model.head_in_features]
-        return head_features, self.model.head(head_features)
+        model = self.model
+        head_features = [features[f] for f in model.head_in_features]
+        with capture_tower_taps(model.head) as taps:
+            head_outputs = model.head(head_features)
+        return dense_head_outputs(
+            model, head_outputs, taps, model.anchor_generator(head_features), decode_boxes=True
+        )
 
 
 def load_teacher(

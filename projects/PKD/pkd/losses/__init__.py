@@ -1,6 +1,7 @@
 """Distillation losses, registered in :data:`DISTILL_LOSS_REGISTRY`."""
 from .base import (
     DISTILL_LOSS_REGISTRY,
+    DenseHeadOutputs,
     DensePredictions,
     DistillInputs,
     align_spatial,
@@ -12,23 +13,19 @@ from .pgd import (
     PGDLoss,
     gaussian_weights,
     key_location_weights,
+    location_centers,
+    per_location,
     pgd_cls_loss,
     pgd_reg_loss,
     pgd_value_maps,
 )
 from .pkd import PKDLoss, channel_pearson, pkd_loss
-from .rank_mimic import (
-    PFILoss,
-    RankMimicLoss,
-    check_same_anchors,
-    matched_gt_indices,
-    pfi_loss,
-    rank_mimic_loss,
-)
+from .rank_mimic import PFILoss, RankMimicLoss, pfi_loss, rank_mimic_loss
 
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
     "DistillInputs",
+    "DenseHeadOutputs",
     "DensePredictions",
     "align_spatial",
     "register_loss",
@@ -48,12 +45,12 @@ __all__ = [
     "pgd_reg_loss",
     "gaussian_weights",
     "key_location_weights",
+    "location_centers",
+    "per_location",
     "RankMimicLoss",
     "PFILoss",
     "rank_mimic_loss",
     "pfi_loss",
-    "check_same_anchors",
-    "matched_gt_indices",
     "build_distill_losses",
 ]
 

@@ -13,6 +13,7 @@ __all__ = [
     "DISTILL_LOSS_REGISTRY",
     "register_loss",
     "DistillInputs",
+    "DenseHeadOutputs",
     "DensePredictions",
     "align_spatial",
     "channel_adapter",
@@ -24,11 +25,14 @@ Distillation losses, registered under the names ``MODEL.DISTILL.LOSSES`` uses ("
 with :func:`register_loss`. A registered class is an ``nn.Module`` built with
 ``cls(cfg, feature_pairs=..., student_shapes=..., teacher_shapes=...)`` (``@configurable``, so it
 also builds from keyword arguments in LazyConfig). Its ``forward(inputs: DistillInputs)`` returns
-``{"loss_<method>_<student_level>": scalar, ...}``, weights applied. Class attributes:
-``needs_predictions = True`` asks DistillMetaArch for the dense head outputs of both models
-(:class:`DensePredictions`); ``has_adapter = True`` declares that the loss handles paired levels
-with different channel counts itself; an optional ``check_models(student, teacher)`` is called at
-construction to reject incompatible detector pairs early.
+``{"loss_<method>_<student_level>": scalar, ...}``, weights applied; it only reads tensors.
+Class attributes, read by DistillMetaArch when it is built:
+``needs_predictions = True`` asks for the dense-head material of both models
+(:class:`DensePredictions`; both must be dense detectors with one grid of head levels and the
+same classes); ``compares_anchors = True`` additionally requires the same anchors per location
+(the loss compares predictions anchor by anchor); ``has_adapter = True`` declares that the loss
+handles paired levels with different channel counts itself; ``uses_feature_pairs = False`` that
+it does not read the paired FPN maps at all (PGD, RM), so their channels need not match.
 """
 
 
@@ -44,26 +48,64 @@ def register_loss(name: str):
 
 
 @dataclass
+class DenseHeadOutputs:
+    """What one dense detector's head produced for one batch, as plain tensors.
+
+    ``R`` = sum over head levels of Hl * Wl * A, in Detectron2's anchor order (level, y, x, anchor).
+
+    Attributes:
+        levels: the head levels, finest first (``head_in_features``), e.g. ["p3", ..., "p7"].
+        cls_taps, reg_taps: per head level, (N, C, Hl, Wl): the output of the first block
+            (conv + norm + ReLU) of the classification / the regression tower.
+        logits: per head level, (N, A*K, Hl, Wl): raw class logits.
+        flat_logits: (N, R, K): the same logits, one row per anchor.
+        flat_deltas: (N, R, 4): box regression deltas.
+        anchors: (R, 4) XYXY anchors (FCOS: one stride-sized box per point) in input pixels.
+        anchors_per_location: per head level, A.
+        boxes: (N, R, 4) XYXY boxes decoded from ``flat_deltas`` with the model's own box
+            transform; set for the teacher only (prediction-guided key locations).
+    """
+
+    levels: List[str]
+    cls_taps: List[Tensor]
+    reg_taps: List[Tensor]
+    logits: List[Tensor]
+    flat_logits: Tensor
+    flat_deltas: Tensor
+    anchors: Tensor
+    anchors_per_location: List[int]
+    boxes: Optional[Tensor] = None
+
+    @property
+    def grid_sizes(self) -> List[Tuple[int, int]]:
+        """Per head level, (Hl, Wl)."""
+        return [tuple(x.shape[-2:]) for x in self.logits]
+
+    @property
+    def num_classes(self) -> int:
+        return self.flat_logits.shape[-1]
+
+
+@dataclass
 class DensePredictions:
     """Dense-head material of both models, for prediction-guided losses (PGD, RM, PFI).
 
+    Computed once per step by DistillMetaArch: the losses get tensors, never the models.
+
     Attributes:
-        student, teacher: the two dense detectors (``DenseDetector``: RetinaNet, FCOS, ...). Use
-            their own Detectron2 code for anchors and assignment (``student.anchor_generator``,
-            ``student.label_anchors``, ``box2box_transform``), never a copy.
-        student_features, teacher_features: the maps each head consumed, one per level in the
-            order of ``<model>.head_in_features``: (N, C, Hl, Wl).
-        student_outputs, teacher_outputs: what each ``head`` returned: a list of per-level lists,
-            e.g. RetinaNet ``[logits (N, A*K, Hl, Wl), deltas (N, A*4, Hl, Wl)]``, FCOS adds
-            ``ctrness (N, 1, Hl, Wl)``. Teacher outputs carry no grad.
+        student: the student's head outputs (with grad).
+        teacher: the teacher's head outputs on its own backbone maps (no grad), with ``boxes``.
+        gt_labels: per image, (R,) long: the student's own label assignment
+            (``label_anchors``) captured from its training forward: a class in [0, K) for a
+            positive anchor, K for background, -1 for ignored.
+        matched_gt: per image, (R,) long: index of the GT each positive anchor was assigned to,
+            -1 for anchors that are not positive.
     """
 
-    student: nn.Module
-    teacher: nn.Module
-    student_features: List[Tensor]
-    teacher_features: List[Tensor]
-    student_outputs: List[List[Tensor]]
-    teacher_outputs: List[List[Tensor]]
+    student: DenseHeadOutputs
+    teacher: DenseHeadOutputs
+    gt_labels: List[Tensor]
+    matched_gt: List[Tensor]
 
 
 @dataclass

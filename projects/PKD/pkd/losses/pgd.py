@@ -1,8 +1,10 @@
 """PGD: Prediction-Guided Distillation (arXiv 2203.05469).
 
-The teacher's own head predictions pick a few key predictive locations inside every GT box; the
-student's FPN maps imitate the teacher's there (classification side) and on the background, and at
-the regression key locations (regression side)."""
+The teacher's own head predictions pick a few key predictive locations inside every GT box; at
+every head level, the output of the first block of the student's classification tower imitates
+the teacher's there (and, more weakly, on the background), and the first block of the regression
+tower imitates the teacher's at the regression key locations. As the authors' code does, the FPN
+maps themselves are not compared."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -13,12 +15,14 @@ from detectron2.config import configurable
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillInputs, align_spatial, register_loss
+from .base import DenseHeadOutputs, DistillInputs, register_loss
 
 __all__ = [
     "gaussian_weights",
     "inside_boxes",
     "key_location_weights",
+    "per_location",
+    "location_centers",
     "pgd_value_maps",
     "pgd_cls_loss",
     "pgd_reg_loss",
@@ -61,17 +65,17 @@ def inside_boxes(centers: Tensor, boxes: Tensor) -> Tensor:
 def key_location_weights(
     centers: Tensor, quality: Tensor, gt_boxes: Tensor, topk: int, noise: float = 0.05
 ) -> Tensor:
-    """PGD's value of every anchor of one image.
+    """PGD's value of every location of one image.
 
     Args:
-        centers: (R, 2) anchor centres (x, y) over all levels.
-        quality: (R, G) prediction quality of each anchor for each GT.
+        centers: (L, 2) location centres (x, y) over all levels.
+        quality: (L, G) prediction quality of each location for each GT.
         gt_boxes: (G, 4) XYXY.
-        topk: candidates per GT (fewer when R is smaller).
+        topk: candidates per GT (fewer when L is smaller).
         noise: see :func:`gaussian_weights`.
 
     Returns:
-        (R,): max over GTs of the Gaussian weight of the anchors that are among a GT's top-k and
+        (L,): max over GTs of the Gaussian weight of the locations that are among a GT's top-k and
         whose centre lies strictly inside that GT; 0 elsewhere.
     """
     if gt_boxes.shape[0] == 0:
@@ -84,62 +88,76 @@ def key_location_weights(
     return per_gt.amax(dim=1)
 
 
-def _per_location(values: Tensor, sizes: Sequence[Tuple[int, int]], anchors: Sequence[int]):
-    """(R,) anchor values in Detectron2's (level, H, W, A) order -> per level (H, W), max over A."""
-    chunks = values.split([h * w * a for (h, w), a in zip(sizes, anchors)])
-    return [c.view(h, w, a).amax(dim=2) for c, (h, w), a in zip(chunks, sizes, anchors)]
+def per_location(
+    values: Tensor, grid_sizes: Sequence[Tuple[int, int]], anchors_per_location: Sequence[int]
+) -> Tensor:
+    """(R, ...) per-anchor values in Detectron2's (level, y, x, anchor) order -> (L, ...) per
+    location, the max over the anchors of each location."""
+    chunks = values.split([h * w * a for (h, w), a in zip(grid_sizes, anchors_per_location)])
+    return torch.cat(
+        [c.view(h * w, a, *c.shape[1:]).amax(dim=1)
+         for c, (h, w), a in zip(chunks, grid_sizes, anchors_per_location)]
+    )
+
+
+def location_centers(
+    anchors: Tensor, grid_sizes: Sequence[Tuple[int, int]], anchors_per_location: Sequence[int]
+) -> Tensor:
+    """(R, 4) XYXY anchors -> (L, 2) centre (x, y) of every location (its first anchor's: the
+    anchors of one location share their centre)."""
+    chunks = anchors.split([h * w * a for (h, w), a in zip(grid_sizes, anchors_per_location)])
+    boxes = torch.cat(
+        [c.view(h * w, a, 4)[:, 0] for c, (h, w), a in zip(chunks, grid_sizes, anchors_per_location)]
+    )
+    return Boxes(boxes).get_centers()
+
+
+def _level_maps(values: Tensor, grid_sizes: Sequence[Tuple[int, int]]) -> List[Tensor]:
+    """(L,) per-location values -> per level (Hl, Wl)."""
+    return [c.view(h, w) for c, (h, w) in zip(values.split([h * w for h, w in grid_sizes]), grid_sizes)]
 
 
 @torch.no_grad()
 def pgd_value_maps(
-    teacher: nn.Module,
-    head_features: List[Tensor],
-    head_outputs: List[List[Tensor]],
+    teacher: DenseHeadOutputs,
     gt_instances: List[Instances],
     *,
     topk: int,
     quality_alphas: Sequence[float],
     noise: float = 0.05,
 ) -> Tuple[List[List[Tensor]], List[Tensor]]:
-    """Key-location maps from a dense teacher's own predictions, with its own anchors and box
-    decoding (``anchor_generator``, ``box2box_transform``).
+    """Key-location maps from a dense teacher's own predictions.
+
+    The quality of an anchor for GT g is sigmoid(logit of g's class)^(1 - alpha) * IoU(decoded
+    box, g)^alpha; a location scores the max over its anchors, and the top-k *locations* per GT
+    (over all levels) are the candidates, so a multi-anchor head still keeps k distinct locations.
 
     Args:
-        teacher: a DenseDetector (RetinaNet, FCOS, ...).
-        head_features: the maps its head consumed, per head level (N, C, Hl, Wl).
-        head_outputs: its head outputs; the first two are class logits (N, A*K, Hl, Wl) and box
-            deltas (N, A*4, Hl, Wl).
+        teacher: the teacher's head material, with ``boxes``.
         gt_instances: per image, ``gt_boxes`` and ``gt_classes``.
-        topk: candidates per GT over all levels.
-        quality_alphas: one map is made per alpha, quality = sigmoid(score)^(1-alpha) * IoU^alpha.
+        topk: candidate locations per GT over all levels.
+        quality_alphas: one map is made per alpha.
 
     Returns:
         (value_maps, background_maps): value_maps[j][l] is (N, Hl, Wl) for quality_alphas[j];
         background_maps[l] is (N, Hl, Wl), 1 where the location's centre is inside no GT.
     """
-    anchors = Boxes.cat(teacher.anchor_generator(head_features))
-    centers = anchors.get_centers()
-    logits, deltas = teacher._transpose_dense_predictions(
-        list(head_outputs[:2]), [teacher.num_classes, 4]
-    )
-    scores = torch.cat(logits, dim=1).float().sigmoid()  # (N, R, K)
-    deltas = torch.cat(deltas, dim=1).float()
-    sizes = [tuple(f.shape[-2:]) for f in head_features]
-    num_anchors = teacher.anchor_generator.num_anchors
+    grids, anchors_per_location = teacher.grid_sizes, teacher.anchors_per_location
+    centers = location_centers(teacher.anchors, grids, anchors_per_location)
+    scores = teacher.flat_logits.float().sigmoid()  # (N, R, K)
     values = [[] for _ in quality_alphas]
     background = []
     for n, inst in enumerate(gt_instances):
         gt_boxes = inst.gt_boxes.tensor.float()
-        boxes = teacher.box2box_transform.apply_deltas(deltas[n], anchors.tensor)
         # Decoded boxes of an untrained head can be inverted: their IoU is 0, never negative.
-        iou = pairwise_iou(Boxes(boxes), Boxes(gt_boxes)).clamp_min(0)  # (R, G)
+        iou = pairwise_iou(Boxes(teacher.boxes[n].float()), Boxes(gt_boxes)).clamp_min(0)
         score = scores[n][:, inst.gt_classes]  # (R, G)
         for j, alpha in enumerate(quality_alphas):
-            quality = score ** (1 - alpha) * iou**alpha
+            quality = per_location(score ** (1 - alpha) * iou**alpha, grids, anchors_per_location)
             weights = key_location_weights(centers, quality, gt_boxes, topk, noise)
-            values[j].append(_per_location(weights, sizes, num_anchors))
+            values[j].append(_level_maps(weights, grids))
         outside = ~inside_boxes(centers, gt_boxes).any(dim=1)
-        background.append(_per_location(outside.float(), sizes, num_anchors))
+        background.append(_level_maps(outside.float(), grids))
     return [_stack_images(v) for v in values], _stack_images(background)
 
 
@@ -233,12 +251,13 @@ def pgd_reg_loss(
 
 @register_loss("PGD")
 class PGDLoss(nn.Module):
-    """``loss_pgd_cls_<level>`` and ``loss_pgd_reg_<level>`` for every feature pair: the paired FPN
-    maps imitate the teacher's, weighted by key-location maps made from the teacher's own dense
-    head predictions. A pair's student level must be one of the student's head levels (the maps
-    live on the head's location grid); the teacher's map is resized to the student's if needed."""
+    """``loss_pgd_cls_<level>`` and ``loss_pgd_reg_<level>`` for every head level: the first block
+    of each of the student's head towers imitates the teacher's, weighted by key-location maps made
+    from the teacher's own dense head predictions. The feature pairs are not used; the two heads
+    must share their grid and their tower width (there is no adapter)."""
 
     needs_predictions = True
+    uses_feature_pairs = False
 
     @configurable
     def __init__(
@@ -289,28 +308,24 @@ class PGDLoss(nn.Module):
         pred = inputs.predictions
         if pred is None:
             raise RuntimeError("PGD needs dense predictions (DistillInputs.predictions is None).")
-        if pred.student.num_classes != pred.teacher.num_classes:
+        student, teacher = pred.student, pred.teacher
+        if len(student.levels) > len(self.level_weights):
             raise ValueError(
-                f"PGD: the student predicts {pred.student.num_classes} classes and the teacher "
-                f"{pred.teacher.num_classes}; both must be trained on the same classes."
+                f"MODEL.DISTILL.PGD.LEVEL_WEIGHTS has {len(self.level_weights)} entries but the "
+                f"student's head has {len(student.levels)} levels {student.levels}: give one weight "
+                "per head level, finest first."
             )
         (cls_maps, reg_maps), background = pgd_value_maps(
-            pred.teacher,
-            pred.teacher_features,
-            pred.teacher_outputs,
-            inputs.gt_instances,
-            topk=self.topk,
-            quality_alphas=self.quality_alphas,
+            teacher, inputs.gt_instances, topk=self.topk, quality_alphas=self.quality_alphas
         )
         self._log_key_locations(cls_maps, inputs.gt_instances)
-        head_levels = list(pred.student.head_in_features)
         losses = {}
-        for level, s, t in zip(inputs.levels, inputs.student_features, inputs.teacher_features):
-            i = self._head_index(level, head_levels, s, cls_maps)
-            s, t = align_spatial(s.float(), t.float(), resize_student=False)
+        for i, level in enumerate(student.levels):
+            s_cls, t_cls = _tap_pair(student.cls_taps[i], teacher.cls_taps[i], level, "cls")
+            s_reg, t_reg = _tap_pair(student.reg_taps[i], teacher.reg_taps[i], level, "bbox")
             losses[f"loss_pgd_cls_{level}"] = pgd_cls_loss(
-                s,
-                t,
+                s_cls,
+                t_cls,
                 cls_maps[i],
                 background[i],
                 temperature=self.temperature,
@@ -320,30 +335,10 @@ class PGDLoss(nn.Module):
                 level_weight=self.level_weights[i],
             )
             losses[f"loss_pgd_reg_{level}"] = pgd_reg_loss(
-                s, t, reg_maps[i], temperature=self.temperature, gamma=self.gamma, delta=self.delta
+                s_reg, t_reg, reg_maps[i], temperature=self.temperature, gamma=self.gamma,
+                delta=self.delta,
             )
         return losses
-
-    def _head_index(self, level: str, head_levels: List[str], student: Tensor, maps) -> int:
-        """Index of a pair's student level among the head levels, checked against the maps."""
-        if level not in head_levels:
-            raise ValueError(
-                f"PGD distils student level {level}, which the student's head does not use "
-                f"(head levels {head_levels}): pair only head levels (MODEL.DISTILL.FEATURE_PAIRS)."
-            )
-        i = head_levels.index(level)
-        if i >= len(maps) or maps[i].shape[-2:] != student.shape[-2:]:
-            found = tuple(maps[i].shape[-2:]) if i < len(maps) else "no such level"
-            raise ValueError(
-                f"PGD: student head level {level} is {tuple(student.shape[-2:])} but the teacher's "
-                f"head level {i} is {found}; the teacher's head must use the student's strides."
-            )
-        if i >= len(self.level_weights):
-            raise ValueError(
-                f"MODEL.DISTILL.PGD.LEVEL_WEIGHTS has {len(self.level_weights)} entries, but "
-                f"student level {level} is head level {i + 1}: give one weight per head level."
-            )
-        return i
 
     @staticmethod
     def _log_key_locations(cls_maps: List[Tensor], gt_instances: List[Instances]) -> None:
@@ -351,3 +346,15 @@ class PGDLoss(nn.Module):
         if num_gts:
             selected = sum(int((m > 0).sum()) for m in cls_maps)
             get_event_storage().put_scalar("kd/pgd_key_locations_per_gt", selected / num_gts)
+
+
+def _tap_pair(student: Tensor, teacher: Tensor, level: str, tower: str) -> Tuple[Tensor, Tensor]:
+    """fp32 student and teacher taps of one level, checked to have one shape."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"PGD imitates the first block of the teacher's {tower} tower at {level}, but the "
+            f"student's is {tuple(student.shape)} and the teacher's {tuple(teacher.shape)}: PGD "
+            "has no adapter, so both heads need the same tower width (FPN channels / conv_dims) "
+            "and the same head levels."
+        )
+    return student.float(), teacher.float()

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Accuracy study: what each distillation method buys the demo's student, over several seeds.
+
+The same student (the demo's RetinaNet on an ImageNet-initialised MobileNetV2), data and schedule
+for every row: the plain student, and the student distilled with each method. One dense teacher
+(a RetinaNet-MobileNetV2 trained longer: every method can use it, so these rows compare) and one
+two-stage teacher (the demo's Faster R-CNN-MobileNetV2: the heterogeneous pair PKD is about) are
+trained once and cached. Every (row, seed) is one ``tools/train_net.py`` run with ``SEED`` set;
+it is evaluated with COCO box AP on ``pkd_demo_test`` (a split used for nothing else). Each
+method keeps its published loss weights; the few settings that are not published (see
+``SETTINGS_NOTE``) were chosen on ``pkd_demo_val``, never on the reported split.
+
+Prints one table (AP/AP50/AP75 mean ± std over seeds, and the paired gain over the plain student
+with the same seed) and writes JSON. Finished runs are found again and not re-trained, so an
+interrupted study resumes where it stopped.
+
+  .venv/bin/python benchmarks/accuracy.py                 # 3 seeds, every row (~90 min, 2 cores)
+  .venv/bin/python benchmarks/accuracy.py --quick         # 1 seed, 3 rows, short schedule
+  .venv/bin/python benchmarks/accuracy.py --seeds 0,1,2,3,4 --rows baseline,dense/PKD
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from pkd.data import DEMO_TEST, register_demo_datasets
+from pkd.demo import DEMO_CONFIGS, REPO, box_ap, train_cached, train_teacher
+
+METRICS = ("AP", "AP50", "AP75")
+STUDENT = os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2.yaml")
+DISTILL = os.path.join(DEMO_CONFIGS, "PKD-RetinaNet-MobileNetV2.yaml")
+TEACHERS = {
+    "dense": os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2-teacher.yaml"),
+    "two-stage": os.path.join(DEMO_CONFIGS, "FasterRCNN-MobileNetV2-teacher.yaml"),
+}
+# Loss settings of each method (on top of DISTILL); published weights (see README, METHODS):
+# PKD 10 for one-stage pairs, 6 with an R-CNN teacher; FGD's RetinaNet recipe; PGD's ATSS-style
+# values for an anchor-based student; RM 4, PFI 1.5. MSE has no published weight: 1.
+METHODS = {
+    "PKD": {"dense": ["MODEL.DISTILL.LOSSES", "['PKD']", "MODEL.DISTILL.PKD.WEIGHT", "10.0"],
+            "two-stage": ["MODEL.DISTILL.LOSSES", "['PKD']", "MODEL.DISTILL.PKD.WEIGHT", "6.0"]},
+    "MSE": ["MODEL.DISTILL.LOSSES", "['MSE']", "MODEL.DISTILL.MSE.WEIGHT", "1.0"],
+    "FGD": ["MODEL.DISTILL.LOSSES", "['FGD']"],
+    "PGD": ["MODEL.DISTILL.LOSSES", "['PGD']", "MODEL.DISTILL.PGD.TOPK", "9",
+            "MODEL.DISTILL.PGD.ALPHA", "0.08", "MODEL.DISTILL.PGD.BETA", "0.04",
+            "MODEL.DISTILL.PGD.GAMMA", "0.128"],
+    "RM+PFI": ["MODEL.DISTILL.LOSSES", "['RM', 'PFI']"],
+    "PKD+RM": ["MODEL.DISTILL.LOSSES", "['PKD', 'RM']", "MODEL.DISTILL.PKD.WEIGHT", "10.0"],
+}
+ROWS = ["baseline"] + [f"dense/{m}" for m in METHODS] + [
+    f"two-stage/{m}" for m in ("PKD", "MSE", "FGD")
+]
+QUICK_ROWS = ["baseline", "dense/PKD", "two-stage/PKD"]
+SETTINGS_NOTE = (
+    "published loss weights; no inheriting (every row starts from the same ImageNet student); "
+    "teachers trained once; evaluation on pkd_demo_test"
+)
+
+
+def row_overrides(row: str, teacher_weights: Dict[str, str]) -> List[str]:
+    """Config overrides (on top of DISTILL) of a study row, e.g. ``dense/PKD``."""
+    teacher, method = row.split("/")
+    settings = METHODS[method]
+    if isinstance(settings, dict):
+        settings = settings[teacher]
+    return [
+        "MODEL.DISTILL.TEACHER.CONFIG", TEACHERS[teacher],
+        "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights[teacher],
+        "MODEL.DISTILL.INHERIT", "False",
+        *settings,
+    ]
+
+
+def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> List[Dict]:
+    """Per row: mean and sample std over seeds of each metric, and the paired gain over the
+    baseline on the seeds both have.
+
+    Args:
+        results: {row: {seed: {"AP": .., "AP50": .., "AP75": ..}}}; must contain "baseline".
+    """
+    baseline = results["baseline"]
+    summary = []
+    for row, by_seed in results.items():
+        seeds = sorted(by_seed)
+        entry = {"row": row, "seeds": seeds}
+        for metric in METRICS:
+            values = [by_seed[s][metric] for s in seeds]
+            entry[metric] = _stats(values)
+            if row != "baseline":
+                paired = [s for s in seeds if s in baseline]
+                gains = [by_seed[s][metric] - baseline[s][metric] for s in paired]
+                entry[f"gain_{metric}"] = _stats(gains)
+        summary.append(entry)
+    return summary
+
+
+def _stats(values: Sequence[float]) -> Dict:
+    return {
+        "values": list(values),
+        "mean": statistics.fmean(values) if values else float("nan"),
+        "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+    }
+
+
+def format_table(summary: Sequence[Dict]) -> str:
+    lines = [
+        f"{'row':<18} {'seeds':>5} {'AP':>12} {'AP50':>12} {'AP75':>12} {'gain AP (paired)':>18}",
+        "-" * 82,
+    ]
+    for entry in summary:
+        cells = [f"{entry[m]['mean']:6.1f} ± {entry[m]['std']:3.1f}" for m in METRICS]
+        gain = entry.get("gain_AP")
+        gain_text = f"{gain['mean']:+6.1f} ± {gain['std']:3.1f}" if gain else "-"
+        lines.append(
+            f"{entry['row']:<18} {len(entry['seeds']):>5} {cells[0]:>12} {cells[1]:>12} "
+            f"{cells[2]:>12} {gain_text:>18}"
+        )
+    return "\n".join(lines).replace("± nan", "     ")
+
+
+def run_study(
+    rows: Sequence[str], seeds: Sequence[int], output: str, opts: Sequence[str] = ()
+) -> Dict[str, Dict[int, Dict[str, float]]]:
+    """Trains (or finds) every (row, seed) and returns their box AP on DEMO_TEST."""
+    register_demo_datasets()
+    test = ["DATASETS.TEST", f"('{DEMO_TEST}',)"]
+    needed = {row.split("/")[0] for row in rows if row != "baseline"}
+    teacher_weights = {
+        name: train_teacher(TEACHERS[name], os.path.join(output, "teachers", name))["weights"]
+        for name in TEACHERS if name in needed
+    }
+    results: Dict[str, Dict[int, Dict[str, float]]] = {}
+    for row in rows:
+        config = STUDENT if row == "baseline" else DISTILL
+        extra = [] if row == "baseline" else row_overrides(row, teacher_weights)
+        for seed in seeds:
+            out = os.path.join(output, row.replace("/", "_"), f"seed{seed}")
+            train_cached(config, out, [*extra, *test, "SEED", str(seed), *opts])
+            results.setdefault(row, {})[seed] = box_ap(out)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, of {ROWS}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"1 seed, rows {QUICK_ROWS}, 30 student iterations: a smoke test")
+    parser.add_argument("--output", default=os.path.join(REPO, "output", "accuracy"))
+    parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results",
+                                                       "accuracy.json"))
+    args = parser.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {ROWS}")
+    if "baseline" not in rows:
+        rows.insert(0, "baseline")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    opts: List[str] = []
+    output = args.output
+    if args.quick:
+        rows, seeds, output = QUICK_ROWS, seeds[:1], os.path.join(output, "quick")
+        opts = ["SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(20, 25)", "SOLVER.WARMUP_ITERS", "10"]
+    start = time.perf_counter()
+    results = run_study(rows, seeds, output, opts)
+    summary = summarize(results)
+    table = format_table(summary)
+    seconds = time.perf_counter() - start
+    print(f"\nAccuracy study: box AP on {DEMO_TEST}, {len(seeds)} seed(s), {seconds:.0f} s\n{table}")
+    print(f"({SETTINGS_NOTE})")
+    report = {"command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
+              "seeds": seeds, "quick": args.quick, "settings": SETTINGS_NOTE,
+              "seconds": seconds, "rows": summary}
+    if not args.quick:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"written to {os.path.relpath(args.json, REPO)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
