@@ -5,7 +5,6 @@ schedules, the R50-FPN students with their ImageNet init, the converted teachers
 gradient clipping, and ``distill(...)`` that puts a student, a teacher and losses together.
 """
 import os
-from collections import OrderedDict
 
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -13,11 +12,11 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 
-from pkd.meta_arch import DistillMetaArch
 from pkd.solver import ClippedSGD
-from pkd.teacher import load_teacher
 
-TEACHERS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "teachers")
+from ...common.distill import distill_model
+
+TEACHERS_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "teachers"))
 # Each teacher config of configs/teachers and its MMDetection checkpoint converted by
 # tools/convert_teacher.py (the teacher config names the source checkpoint); the paths are
 # relative to the working directory.
@@ -92,27 +91,15 @@ def student(kind: str):
 
 
 def distill(student_kind, teacher, losses, *, num_levels, inherit=False, head=False):
-    """A DistillMetaArch config around ``student(student_kind)``.
-
-    Args:
-        teacher: a key of TEACHER_WEIGHTS (a file in configs/teachers).
-        losses: {name: L(LossClass)(...)}.
-        num_levels: how many leading (finest) levels of each FPN to pair by index.
-        inherit: initialise the student's FPN and head from the teacher where shapes match.
-        head: the losses read the teacher's dense head (PGD, RM, PFI), so its checkpoint must
-            cover the head too.
-    """
-    return L(DistillMetaArch)(
-        student=student(student_kind),
-        teacher=L(load_teacher)(
-            config=os.path.join(TEACHERS_DIR, teacher),
-            weights=TEACHER_WEIGHTS[teacher],
-            device="${...train.device}",
-            required_parts=["backbone", "head"] if head else ["backbone"],
-        ),
-        # instantiate() does not descend into plain dicts: build the mapping with L(OrderedDict)
-        losses=L(OrderedDict)(**losses),
+    """A DistillMetaArch config around ``student(student_kind)``, distilled from ``teacher`` (a
+    key of TEACHER_WEIGHTS: a file in configs/teachers); the other arguments: see
+    ``configs/common/distill.py``."""
+    return distill_model(
+        student(student_kind),
+        os.path.join(TEACHERS_DIR, teacher),
+        TEACHER_WEIGHTS[teacher],
+        losses,
         num_levels=num_levels,
         inherit=inherit,
-        student_input_format="${..dataloader.train.mapper.image_format}",
+        head=head,
     )
