@@ -1,4 +1,5 @@
 """The demo driver's pieces (the full `make demo` run is too long for the test suite)."""
+import json
 import os
 
 import pytest
@@ -13,15 +14,22 @@ from pkd_testing import DEMO
                                                 ("PGD", "retina_teacher")])
 def test_every_demo_method_has_a_config_and_a_teacher(method, teacher_dir, tmp_path):
     config = demo._method_config(method)
-    assert os.path.dirname(config) == DEMO
-    teacher_config, weights = demo._teacher_of(config, str(tmp_path))
-    assert os.path.isfile(teacher_config)
-    assert weights == str(tmp_path / teacher_dir / "model_final.pth")
+    assert os.path.dirname(config) == DEMO and config.endswith("-RetinaNet-MobileNetV2.yaml")
+    teacher = demo._teacher_of(config, str(tmp_path))
+    assert os.path.isfile(teacher["config"])
+    assert teacher["output_dir"] == str(tmp_path / teacher_dir)
 
 
 def test_unknown_method_lists_the_available_ones():
     with pytest.raises(SystemExit, match=r"No demo config for method 'XYZ'.*'PKD'"):
         demo._method_config("XYZ")
+
+
+def _write_results(directory, ap):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, demo.RESULTS_FILE), "w") as f:
+        json.dump({"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 2}}, f)
+    return str(directory)
 
 
 def test_table_has_a_row_per_model():
@@ -31,5 +39,18 @@ def test_table_has_a_row_per_model():
     ]
     table = demo.format_table(rows).splitlines()
     assert len(table) == 4
-    assert table[2].split()[-4:] == ["50.0", "70.0", "55.0", "10"]
-    assert table[3].split()[-4:] == ["20.2", "40.0", "18.0", "-"]
+    assert table[2].split()[-5:] == ["50.0", "70.0", "55.0", "-", "10"]
+    assert table[3].split()[-5:] == ["20.2", "40.0", "18.0", "-", "-"]
+
+
+def test_rows_over_seeds_give_mean_std_and_the_paired_gain(tmp_path):
+    plain = [_write_results(tmp_path / f"plain{s}", ap) for s, ap in enumerate([10.0, 12.0, 14.0])]
+    kd = [_write_results(tmp_path / f"kd{s}", ap) for s, ap in enumerate([13.0, 13.0, 18.0])]
+    baseline = demo._student_row("plain", plain, [1.0, 2.0, 3.0])
+    row = demo._student_row("kd", kd, [4.0, 5.0, 6.0], baseline)
+    assert baseline["bbox"]["AP"] == 12.0 and baseline["std"]["AP"] == 2.0
+    assert row["gain_AP"]["per_seed"] == [3.0, 1.0, 4.0]
+    assert row["gain_AP"]["mean"] == pytest.approx(8 / 3)
+    assert row["gain_AP"]["std"] == pytest.approx(((1 / 3) ** 2 + (5 / 3) ** 2 + (4 / 3) ** 2) ** 0.5 / 2 ** 0.5)
+    line = demo.format_table([baseline, row]).splitlines()[3].split()
+    assert line[1:4] == ["14.7", "±", "2.9"] and line[-4:-1] == ["+2.7", "±", "1.5"]

