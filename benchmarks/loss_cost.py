@@ -1,20 +1,20 @@
 #!/usr/bin/env python
 """Cost of every registered distillation loss beside the student's own training step.
 
-Builds, with random weights and no download, a RetinaNet-R50-FPN student and a dense
-RetinaNet-R50-FPN teacher (so that the prediction-guided losses PGD, RM and PFI can run too), one
-DistillMetaArch holding every registered loss, and captures once, on one batch, what
-DistillMetaArch hands its losses: the paired student/teacher FPN maps, the GT instances, the
-padded input size and both dense heads' outputs. It then times, side by side in one run:
+Builds, with random weights and no download, one DistillMetaArch holding every registered loss,
+with a RetinaNet-R50-FPN student and a dense RetinaNet-R50-FPN teacher (so that the
+prediction-guided losses PGD, RM and PFI can run too), and captures once, on one batch, what its
+``distill_inputs`` hands the losses: the paired student/teacher FPN maps, the GT instances, the
+padded input size and both dense heads' material. It then times, side by side in one run:
 
-* ``student_step``: the plain student's training step (forward + backward + SGD step with
-  learning rate 0), exactly as ``step_time.py`` measures it;
+* ``student_step``: the plain student's training step, ``model.student`` (forward + backward +
+  SGD step with learning rate 0), exactly as ``step_time.py`` measures it;
 * ``<LOSS>`` for each registered loss (PKD, MSE, FGD, PGD, RM, PFI): the loss module's forward +
-  backward on the captured inputs. The student's maps and head outputs enter as fresh leaf
-  tensors that require grad (sharing the captured storage), so the backward stops there and
-  measures the loss's own cost, not the student's network again;
-* ``teacher_dense_head``: the teacher's dense head under no_grad, which DistillMetaArch runs once
-  per step when any prediction-guided loss is configured (context, not a loss).
+  backward on the captured inputs. The student's tensors (those that carry a gradient in a
+  training step) enter as fresh leaf tensors that require grad (sharing the captured storage),
+  so the backward stops there and measures the loss's own cost, not the student's network again;
+* ``teacher_dense_head``: ``model.teacher.dense_head`` under no_grad, which DistillMetaArch runs
+  once per step when any prediction-guided loss is configured (context, not a loss).
 
 After warm-up the kinds run interleaved in rounds (student step, teacher head, then every loss
 in turn, LOSS_CALLS_PER_ROUND times), and medians are reported. Each loss's **share** is its
@@ -22,42 +22,39 @@ median over the student step's median; the target is that every feature loss (PK
 PFI) stays below 5 % of the step. RM imitates logits, not features: it is reported, not checked.
 
     python benchmarks/loss_cost.py --threads 1 --height 128 --width 160 --rounds 1 --warmup 0
-    python benchmarks/loss_cost.py --threads 1          # 2 x 512x683, the issue's measurement
+    python benchmarks/loss_cost.py --threads 1          # 2 x 512x683, RetinaNet-R50 at COCO-like size
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
-from pkd.losses import DensePredictions, DistillInputs, registered_loss_names
-from pkd.students import run_student
+from pkd.losses import DistillInputs, registered_loss_names
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import (  # noqa: E402  (the step-time benchmark's workload and helpers)
-    NOISE_SPREAD,
+from common import (
     REPO,
     Preset,
     Runner,
     Workload,
-    add_process_args,
+    add_run_args,
     build_cfg,
+    check_run_args,
     configure_process,
     environment,
-    resolve_device,
+    noise_warning,
+    publish,
     run_rounds,
     summarize,
     sync,
     train_step,
-    write_json,
 )
 
 RETINANET_R50 = "COCO-Detection/retinanet_R_50_FPN_3x.yaml"
@@ -86,89 +83,42 @@ def loss_names() -> List[str]:
     ]
 
 
-def build_loss_cfg(args, names: Sequence[str]):
-    """step_time's distillation config (random weights, learning rate 0, no download) for a
-    RetinaNet-R50 student and a RetinaNet-R50 teacher, with ``names`` as MODEL.DISTILL.LOSSES."""
+def make_workload(args, names: Sequence[str]) -> Workload:
+    """step_time's workload (random weights, learning rate 0, no download) for a RetinaNet-R50
+    student and a RetinaNet-R50 teacher, with ``names`` as MODEL.DISTILL.LOSSES."""
+    configure_process(args)
     preset = Preset(RETINANET_R50, RETINANET_R50, args.batch, args.height, args.width)
     cfg = build_cfg(preset, args.device).clone()
     cfg.defrost()
     cfg.MODEL.DISTILL.LOSSES = list(names)
     cfg.freeze()
-    return cfg
-
-
-def make_workload(args, names: Sequence[str]) -> Workload:
-    """The models and batch (built lazily by step_time's Workload)."""
-    configure_process(args)
-    cfg = build_loss_cfg(args, names)
     return Workload(cfg, args.batch, args.height, args.width, args.seed)
 
 
-@dataclass
-class Captured:
-    """One no_grad forward of DistillMetaArch's student and teacher on the batch: the material
-    of every loss call. Student tensors are kept detached; each call wraps them in new leaves."""
-
-    model: torch.nn.Module  # the DistillMetaArch
-    student_maps: Dict[str, Tensor]  # every student FPN level
-    student_outputs: List[List[Tensor]]  # the student head's per-level outputs
-    teacher_maps: Dict[str, Tensor]
-    teacher_head_features: List[Tensor]
-    teacher_outputs: List[List[Tensor]]
-    gt_instances: List[Instances]
-    image_size: Tuple[int, int]
-
-    def distill_inputs(self, with_predictions: bool) -> Tuple[DistillInputs, List[Tensor]]:
-        """DistillInputs as ``DistillMetaArch.forward`` builds them, on fresh leaf tensors.
-
-        Returns:
-            (inputs, leaves): ``leaves`` are the student tensors requiring grad (the FPN maps,
-            and with predictions the head outputs), for checking that a backward reached them.
-        """
-        model = self.model
-        maps = {k: v.detach().requires_grad_() for k, v in self.student_maps.items()}
-        leaves = list(maps.values())
-        inputs = DistillInputs(
-            levels=[s for s, _ in model.feature_pairs],
-            student_features=[maps[s] for s, _ in model.feature_pairs],
-            teacher_features=[self.teacher_maps[t] for _, t in model.feature_pairs],
-            gt_instances=self.gt_instances,
-            image_size=self.image_size,
-        )
-        if with_predictions:
-            outputs = [[x.detach().requires_grad_() for x in kind] for kind in self.student_outputs]
-            leaves += [x for kind in outputs for x in kind]
-            inputs.predictions = DensePredictions(
-                student=model.student,
-                teacher=model.teacher.model,
-                student_features=[maps[f] for f in model.student.head_in_features],
-                teacher_features=self.teacher_head_features,
-                student_outputs=outputs,
-                teacher_outputs=self.teacher_outputs,
-            )
-        return inputs, leaves
+def with_fresh_leaves(value, leaves: List[Tensor]):
+    """``value`` (DistillInputs, or a part of it) with every tensor that requires grad replaced
+    by a new leaf that requires grad and shares its storage; the new leaves are appended to
+    ``leaves``. A backward through the copy stops at these leaves."""
+    if isinstance(value, Tensor):
+        if not value.requires_grad:
+            return value
+        leaf = value.detach().requires_grad_()
+        leaves.append(leaf)
+        return leaf
+    if isinstance(value, list):
+        return [with_fresh_leaves(v, leaves) for v in value]
+    if dataclasses.is_dataclass(value):
+        parts = {f.name: with_fresh_leaves(getattr(value, f.name), leaves)
+                 for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **parts)
+    return value
 
 
-@torch.no_grad()
-def capture(work: Workload) -> Captured:
-    """Runs DistillMetaArch's student (keeping its head outputs) and teacher (backbone+FPN and
-    dense head) once on the batch, the way its training forward does."""
-    model = work.distill
-    outputs = run_student(model.student, work.batch, keep_predictions=True)
-    padded = tuple(outputs.images.shape[-2:])
-    images = model.teacher.preprocess(work.batch, model.student_input_format, padded)
-    teacher_maps = model.teacher.features(images)
-    head_features, teacher_outputs = model.teacher.dense_head(teacher_maps)
-    return Captured(
-        model=model,
-        student_maps=dict(outputs.features),
-        student_outputs=outputs.predictions,
-        teacher_maps=teacher_maps,
-        teacher_head_features=head_features,
-        teacher_outputs=teacher_outputs,
-        gt_instances=[x["instances"].to(model.device) for x in work.batch],
-        image_size=padded,
-    )
+def capture(work: Workload) -> DistillInputs:
+    """``model.distill_inputs`` on the batch, once, with grad: the student's tensors that carry
+    a gradient in a training step come back as leaves (the student's graph is freed)."""
+    _, inputs = work.model.distill_inputs(work.batch)
+    return with_fresh_leaves(inputs, [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,15 +126,17 @@ def capture(work: Workload) -> Captured:
 # ----------------------------------------------------------------------------------------------
 
 
-def loss_step(work: Workload, captured: Captured, name: str, reached: Dict[str, bool]) -> Runner:
+def loss_step(
+    work: Workload, captured: DistillInputs, name: str, reached: Dict[str, bool]
+) -> Runner:
     """Forward + backward of the configured loss ``name`` (weights applied) on fresh leaves of
     the captured inputs. Its own parameters' grads are reset beforehand, as zero_grad does.
     Records the loss value and whether the backward reached the student's tensors."""
-    loss = work.distill.distill_losses[name]
-    with_predictions = getattr(loss, "needs_predictions", False)
+    loss = work.model.distill_losses[name]
 
     def run() -> Dict[str, float]:
-        inputs, leaves = captured.distill_inputs(with_predictions)
+        leaves: List[Tensor] = []
+        inputs = with_fresh_leaves(captured, leaves)
         loss.zero_grad(set_to_none=True)
         sync(work.device)
         start = time.perf_counter()
@@ -199,14 +151,20 @@ def loss_step(work: Workload, captured: Captured, name: str, reached: Dict[str, 
     return run
 
 
-def teacher_head_step(work: Workload, captured: Captured) -> Runner:
-    """The teacher's dense head under no_grad on its captured FPN maps (shared by PGD/RM/PFI)."""
-    teacher = work.distill.teacher
+def teacher_head_step(work: Workload, captured: DistillInputs) -> Runner:
+    """``model.teacher.dense_head`` on the teacher's FPN maps of the batch (shared by PGD, RM
+    and PFI), under no_grad."""
+    teacher = work.model.teacher
+    with torch.no_grad():
+        images = teacher.preprocess(
+            work.batch, work.model.student_input_format, captured.image_size
+        )
+        maps = teacher.features(images)
 
     def run() -> Dict[str, float]:
         sync(work.device)
         start = time.perf_counter()
-        teacher.dense_head(captured.teacher_maps)
+        teacher.dense_head(maps)
         sync(work.device)
         return {TEACHER_HEAD: time.perf_counter() - start}
 
@@ -214,14 +172,14 @@ def teacher_head_step(work: Workload, captured: Captured) -> Runner:
 
 
 def make_runners(
-    work: Workload, captured: Captured, names: Sequence[str], reached: Dict[str, bool]
+    work: Workload, captured: DistillInputs, names: Sequence[str], reached: Dict[str, bool]
 ) -> Dict[str, Runner]:
     """One round's runners in order: student step, teacher head, then all losses in turn,
     LOSS_CALLS_PER_ROUND times. A loss appears under several keys (``PKD#1``, ``PKD#2``, ...);
     its samples are gathered under the name its runner returns (``PKD``)."""
     per_loss = {n: loss_step(work, captured, n, reached) for n in names}
     runners = {
-        STUDENT_STEP: train_step(work, work.student, work.student_optimizer, STUDENT_STEP),
+        STUDENT_STEP: train_step(work, work.model.student, work.student_optimizer, STUDENT_STEP),
         TEACHER_HEAD: teacher_head_step(work, captured),
     }
     for i in range(LOSS_CALLS_PER_ROUND):
@@ -283,13 +241,7 @@ def format_report(result: Dict) -> str:
         "share = median / student step median; RM (logit imitation) and the teacher's dense head "
         "(run once per step for PGD/RM/PFI) are shown for context."
     )
-    step = stats[STUDENT_STEP]
-    if step["max"] > NOISE_SPREAD * step["min"]:
-        lines.append(
-            f"WARNING: student step samples spread by more than {NOISE_SPREAD:.2f}x (max/min): the "
-            "machine was busy; rerun on an idle machine or with more --rounds."
-        )
-    return "\n".join(lines)
+    return "\n".join(lines + noise_warning(stats, [STUDENT_STEP]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,19 +251,13 @@ def format_report(result: Dict) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds")
     parser.add_argument("--batch", type=int, default=2, help="images per batch")
     parser.add_argument("--height", type=int, default=512, help="image height")
     parser.add_argument("--width", type=int, default=683, help="image width")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    add_process_args(parser)
+    add_run_args(parser, rounds=3, warmup=1)
     parser.add_argument("--json", default=DEFAULT_JSON, help="default: %(default)s")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
-    args.device = resolve_device(args.device)
+    check_run_args(parser, args)
     return args
 
 
@@ -336,7 +282,6 @@ def benchmark(args) -> Dict:
     stats = summarize(samples)
     share = compute_shares(stats, names + [TEACHER_HEAD])
     feature = [n for n in names if n in FEATURE_LOSSES]
-    model = work.distill
     return {
         "device": args.device,
         **environment(),
@@ -352,8 +297,8 @@ def benchmark(args) -> Dict:
         "student_config": RETINANET_R50,
         "teacher_config": work.cfg.MODEL.DISTILL.TEACHER.CONFIG,
         "feature_pairs": [
-            {"student": s, "teacher": t, "shape": list(captured.student_maps[s].shape)}
-            for s, t in model.feature_pairs
+            {"student": s, "teacher": t, "shape": list(x.shape)}
+            for (s, t), x in zip(work.model.feature_pairs, captured.student_features)
         ],
         "losses": names,
         "feature_losses": feature,
@@ -373,9 +318,7 @@ def benchmark(args) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     result = benchmark(args)
-    print(format_report(result))
-    write_json(args.json, result)
-    print(f"wrote {os.path.relpath(args.json)}")
+    publish(format_report(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Step time and peak memory of distillation against its physical limit.
 
-Measures, side by side in one run, on the same batch:
+Builds one DistillMetaArch with PKD from a config (random weights, no download) and measures,
+side by side in one run, on the same batch, through the model's own methods:
 
-* ``student_step``: the plain student's training step (forward + backward + SGD step);
-* ``teacher_preprocess`` / ``teacher_features``: the teacher's input preparation and its
-  backbone+FPN forward under no_grad (the two are timed separately, inside one call);
-* ``distill_step``: DistillMetaArch's training step with PKD (forward + backward + SGD step);
-* ``pkd_loss``: the configured PKD loss, forward + backward, on real paired FPN features;
+* ``student_step``: the plain student's training step, ``model.student`` (forward + backward +
+  SGD step);
+* ``teacher_preprocess`` / ``teacher_features``: ``model.teacher.preprocess`` and
+  ``model.teacher.features`` (backbone+FPN under no_grad), timed separately inside one call;
+* ``distill_step``: ``model``'s training step (forward + backward + SGD step);
+* ``pkd_loss``: ``model.distillation_losses`` (the configured PKD loss), forward + backward, on
+  the paired FPN maps that ``model.distill_inputs`` captured once;
 * ``pcc``: the ``kd/pcc`` diagnostic (``channel_pearson`` over the pairs, read out as a float).
 
 After warm-up the kinds run interleaved in rounds, so that machine noise hits all of them alike,
@@ -24,62 +27,48 @@ peak RSS minus the RSS just before its steps.
     python benchmarks/step_time.py                                 # RetinaNet-R50 <- Mask R-CNN R50
 """
 import argparse
-import datetime
+import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-import detectron2
-from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
-from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import EventStorage, get_event_storage
+from detectron2.utils.events import EventStorage
 
-from pkd.config import get_distill_cfg
-from pkd.cpu_memory import retain_freed_cpu_memory, retains_freed_cpu_memory
-from pkd.losses import DistillInputs, channel_pearson
-from pkd.meta_arch import PCC_PERIOD, student_config
-from pkd.students import run_student
+from pkd.losses import channel_pearson
+from pkd.meta_arch import PCC_PERIOD
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from pkd_testing import make_batch  # noqa: E402  (the test suite's batch maker)
+from common import (
+    REPO,
+    Preset,
+    Runner,
+    Workload,
+    add_run_args,
+    build_cfg,
+    check_run_args,
+    configure_process,
+    environment,
+    minor_page_faults,
+    noise_warning,
+    publish,
+    run_rounds,
+    summarize,
+    sync,
+    train_step,
+)
 
 RATIO_TARGET = 1.05
-# SGD runs with learning rate 0: torch still executes the whole update (weight decay, momentum,
-# parameter add), so the step costs what a real one does, while the random-weight models stay
-# the same every round. Random R50 with FrozenBN has no pretrained statistics: its gradient norm
-# is ~1e7 and any positive rate turns the losses into NaN within a few steps.
-BENCH_LR = 0.0
-BOXES_PER_IMAGE = 3
-# A kind whose slowest sample exceeds its fastest by this factor marks the run as noisy.
-NOISE_SPREAD = 1.15
 NOISE_CHECKED = ("student_step", "teacher_features", "distill_step")
 MEMORY_PROBE_KINDS = ("student_step", "teacher", "distill_step")
 PROBE_STEPS = 2
 PROBE_TAG = "MEMORY_PROBE "
 MiB = 1024.0 * 1024.0
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A model pair and input size to benchmark."""
-
-    student_config: str  # a file, or a Detectron2 model-zoo config name
-    teacher_config: Optional[str]  # None: keep the one the student config names
-    batch: int
-    height: int
-    width: int
 
 
 PRESETS = {
@@ -101,166 +90,14 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(requested: str) -> str:
-    """``cuda`` only when asked for and available; otherwise ``cpu`` (with a notice)."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        print("CUDA requested but not available: running on CPU.", file=sys.stderr)
-        return "cpu"
-    return requested
-
-
-def config_path(name: str) -> str:
-    """A config file path, or the file of a Detectron2 model-zoo config name."""
-    if os.path.isfile(name):
-        return name
-    from detectron2 import model_zoo  # imported lazily: it warns at import
-
-    return model_zoo.get_config_file(name)
-
-
-def build_cfg(preset: Preset, device: str):
-    """The distillation config of ``preset``: random teacher weights, no downloads."""
-    cfg = get_distill_cfg()
-    cfg.merge_from_file(config_path(preset.student_config))
-    cfg.MODEL.META_ARCHITECTURE = "DistillMetaArch"
-    cfg.MODEL.DISTILL.STUDENT_ARCH = "RetinaNet"
-    if preset.teacher_config is not None:
-        cfg.MODEL.DISTILL.TEACHER.CONFIG = preset.teacher_config
-    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = "random"
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
-    cfg.SOLVER.BASE_LR = BENCH_LR
-    cfg.freeze()
-    return cfg
-
-
-def sync(device: str) -> None:
-    """Waits for queued GPU work, so that wall-clock intervals cover it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@dataclass
-class Workload:
-    """Models, optimizers and the batch of one benchmark run; each is built on first use, so a
-    memory probe builds only what its kind needs."""
-
-    cfg: object
-    batch_size: int
-    height: int
-    width: int
-    seed: int
-    last_losses: Dict[str, float] = field(default_factory=dict)
-    # Minor page faults of each call of a kind, warm-up included (fresh zeroed pages the kernel
-    # had to map: on CPU, what glibc's default allocator behaviour costs).
-    page_faults: Dict[str, List[int]] = field(default_factory=dict)
-
-    @property
-    def device(self) -> str:
-        return self.cfg.MODEL.DEVICE
-
-    def _build(self, cfg):
-        seed_all_rng(self.seed)
-        model = build_model(cfg)
-        model.train()
-        return model
-
-    @cached_property
-    def student(self):
-        return self._build(student_config(self.cfg))
-
-    @cached_property
-    def distill(self):
-        return self._build(self.cfg)
-
-    @cached_property
-    def student_optimizer(self):
-        return build_optimizer(self.cfg, self.student)
-
-    @cached_property
-    def distill_optimizer(self):
-        return build_optimizer(self.cfg, self.distill)
-
-    @cached_property
-    def batch(self) -> List[dict]:
-        """``batch_size`` images of height x width, uint8-valued, a few random GT boxes each."""
-        return make_batch(
-            sizes=[(self.height, self.width)] * self.batch_size,
-            boxes_per_image=[BOXES_PER_IMAGE] * self.batch_size,
-            num_classes=self.cfg.MODEL.RETINANET.NUM_CLASSES,
-            seed=self.seed,
-        )
-
-    @cached_property
-    def padded_size(self) -> Tuple[int, int]:
-        """(H, W) of the student's padded input batch (what the teacher's batch is padded to)."""
-        with torch.no_grad():
-            images = self.distill.student.preprocess_image(self.batch)
-        return tuple(images.tensor.shape[-2:])
-
-    @cached_property
-    def paired_features(self) -> Tuple[List[str], List[torch.Tensor], List[torch.Tensor]]:
-        """Real FPN maps of one forward of each model, per feature pair: (student levels,
-        student maps, teacher maps), detached."""
-        model = self.distill
-        with torch.no_grad():
-            outputs = run_student(model.student, self.batch)
-            images = model.teacher.preprocess(
-                self.batch, model.student_input_format, self.padded_size
-            )
-            teacher_maps = model.teacher.features(images)
-        pairs = model.feature_pairs
-        return (
-            [s for s, _ in pairs],
-            [outputs.features[s].detach() for s, _ in pairs],
-            [teacher_maps[t].detach() for _, t in pairs],
-        )
-
-
-# ----------------------------------------------------------------------------------------------
 # The measured kinds: each callable runs one unit of work and returns {name: seconds}
 # ----------------------------------------------------------------------------------------------
-
-Runner = Callable[[], Dict[str, float]]
-
-
-def minor_page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def train_step(work: Workload, model, optimizer, name: str) -> Runner:
-    """One training step as Detectron2's SimpleTrainer runs it: forward, sum of the losses,
-    zero_grad, backward, optimizer step."""
-
-    def run() -> Dict[str, float]:
-        sync(work.device)
-        faults = minor_page_faults()
-        start = time.perf_counter()
-        losses = model(work.batch)
-        total = sum(losses.values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        sync(work.device)
-        elapsed = time.perf_counter() - start
-        work.page_faults.setdefault(name, []).append(minor_page_faults() - faults)
-        work.last_losses[name] = total.item()
-        # Advance the iteration as the trainer does: DistillMetaArch computes the kd/pcc
-        # diagnostic on one step in PCC_PERIOD, as in real training.
-        get_event_storage().step()
-        return {name: elapsed}
-
-    return run
 
 
 def teacher_forward(work: Workload) -> Runner:
     """The teacher's preprocessing and backbone+FPN forward (no_grad), timed separately."""
-    teacher = work.distill.teacher
-    fmt, padded = work.distill.student_input_format, work.padded_size
+    teacher = work.model.teacher
+    fmt, padded = work.model.student_input_format, work.padded_size
 
     def run() -> Dict[str, float]:
         sync(work.device)
@@ -280,16 +117,15 @@ def teacher_forward(work: Workload) -> Runner:
 
 def pkd_loss_step(work: Workload) -> Runner:
     """The configured PKD loss (weight included) over all pairs, forward + backward into the
-    student maps, on the captured real features."""
-    levels, student_maps, teacher_maps = work.paired_features
-    loss = work.distill.distill_losses["PKD"]
+    student maps, on the captured features."""
+    captured = work.captured
 
     def run() -> Dict[str, float]:
-        leaves = [s.clone().requires_grad_() for s in student_maps]
-        inputs = DistillInputs(levels, leaves, teacher_maps, [], work.padded_size)
+        leaves = [s.clone().requires_grad_() for s in captured.student_features]
+        inputs = dataclasses.replace(captured, student_features=leaves)
         sync(work.device)
         start = time.perf_counter()
-        sum(loss(inputs).values()).backward()
+        sum(work.model.distillation_losses(inputs)["PKD"].values()).backward()
         sync(work.device)
         return {"pkd_loss": time.perf_counter() - start}
 
@@ -298,12 +134,12 @@ def pkd_loss_step(work: Workload) -> Runner:
 
 def pcc_diagnostic(work: Workload) -> Runner:
     """``channel_pearson`` over the pairs, each read out as a float as ``put_scalar`` does."""
-    _, student_maps, teacher_maps = work.paired_features
+    captured = work.captured
 
     def run() -> Dict[str, float]:
         sync(work.device)
         start = time.perf_counter()
-        for s, t in zip(student_maps, teacher_maps):
+        for s, t in zip(captured.student_features, captured.teacher_features):
             float(channel_pearson(s, t))
         return {"pcc": time.perf_counter() - start}
 
@@ -312,32 +148,14 @@ def pcc_diagnostic(work: Workload) -> Runner:
 
 # Each kind's runner factory, in the order a round runs them.
 KINDS: Dict[str, Callable[[Workload], Runner]] = {
-    "student_step": lambda w: train_step(w, w.student, w.student_optimizer, "student_step"),
+    "student_step": lambda w: train_step(w, w.model.student, w.student_optimizer, "student_step"),
     "teacher": teacher_forward,
-    "distill_step": lambda w: train_step(w, w.distill, w.distill_optimizer, "distill_step"),
+    "distill_step": lambda w: train_step(w, w.model, w.distill_optimizer, "distill_step"),
     "pkd_loss": pkd_loss_step,
     "pcc": pcc_diagnostic,
 }
 # Samples per round of the two cheap kinds (one sample of each would be mostly timer noise).
 CALLS_PER_ROUND = {"pkd_loss": 5, "pcc": 5}
-
-
-def run_rounds(
-    runners: Dict[str, Runner], rounds: int, warmup: int, log: bool = True
-) -> Dict[str, List[float]]:
-    """Warm-up rounds (discarded), then ``rounds`` interleaved rounds; returns the raw samples."""
-    samples: Dict[str, List[float]] = {}
-    for r in range(-warmup, rounds):
-        started = time.perf_counter()
-        for kind, runner in runners.items():
-            for _ in range(CALLS_PER_ROUND.get(kind, 1)):
-                for name, seconds in runner().items():
-                    if r >= 0:
-                        samples.setdefault(name, []).append(seconds)
-        if log:
-            label = f"warm-up {r + warmup + 1}/{warmup}" if r < 0 else f"round {r + 1}/{rounds}"
-            print(f"  {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,14 +270,6 @@ def measure_memory(args, work: Workload, runners) -> Dict[str, Dict[str, object]
 # ----------------------------------------------------------------------------------------------
 
 
-def summarize(samples: Dict[str, List[float]]) -> Dict[str, Dict[str, float]]:
-    """Median and min of every kind's samples."""
-    return {
-        k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-        for k, v in samples.items()
-    }
-
-
 def derived_numbers(stats: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """The ratio to the physical limit (of the medians; of the minima as a check that is robust
     to load from other processes), the loss/diagnostic shares, and the part of the distill step
@@ -527,33 +337,7 @@ def format_report(result: Dict) -> str:
     lines.append(
         "minor page faults per call (median): " + ", ".join(f"{k} {faults[k]:.0f}" for k in kinds)
     )
-    noisy = [k for k in NOISE_CHECKED if stats[k]["max"] > NOISE_SPREAD * stats[k]["min"]]
-    if noisy:
-        lines.append(
-            f"WARNING: samples of {noisy} spread by more than {NOISE_SPREAD:.2f}x (max/min): the "
-            "machine was busy; rerun on an idle machine or with more --rounds."
-        )
-    return "\n".join(lines)
-
-
-def environment() -> Dict[str, object]:
-    """Date, versions and threads: what a timing depends on besides the code."""
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "detectron2": detectron2.__version__,
-        "python": platform.python_version(),
-        "host_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "cpu_malloc": "retain freed" if retains_freed_cpu_memory() else "glibc default",
-        "load_average_1min": os.getloadavg()[0],
-    }
-
-
-def write_json(path: str, result: Dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    return "\n".join(lines + noise_warning(stats, NOISE_CHECKED))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,49 +348,22 @@ def write_json(path: str, result: Dict) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=2, help="discarded warm-up rounds")
     parser.add_argument("--batch", type=int, help="images per batch (default: the preset's)")
     parser.add_argument("--height", type=int, help="image height (default: the preset's)")
     parser.add_argument("--width", type=int, help="image width (default: the preset's)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    add_process_args(parser)
+    add_run_args(parser, rounds=5, warmup=2)
     parser.add_argument("--json", help="default: benchmarks/results/step_time_<preset>.json")
     parser.add_argument("--skip-memory", action="store_true", help="timings only")
     parser.add_argument("--memory-probe", choices=MEMORY_PROBE_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_run_args(parser, args)
     preset = PRESETS[args.preset]
     args.batch = args.batch or preset.batch
     args.height = args.height or preset.height
     args.width = args.width or preset.width
-    args.device = resolve_device(args.device)
     default_json = os.path.join(REPO, "benchmarks", "results", f"step_time_{args.preset}.json")
     args.json = args.json or default_json
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be >= 1 and --warmup >= 0")
     return args
-
-
-def configure_process(args) -> None:
-    """Torch threads and, on CPU, the allocator setting ``tools/train_net.py`` uses
-    (:func:`pkd.cpu_memory.retain_freed_cpu_memory`) unless ``--default-malloc``."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cpu" and not args.default_malloc:
-        retain_freed_cpu_memory()
-
-
-def add_process_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's own choice)"
-    )
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="keep glibc's default malloc behaviour instead of the trainer's CPU setting "
-        "(freed memory kept for reuse, pkd.cpu_memory)",
-    )
 
 
 def make_workload(args) -> Workload:
@@ -622,12 +379,11 @@ def benchmark(args) -> Dict:
     with EventStorage(0):
         runners = {kind: make(work) for kind, make in KINDS.items()}
         print(f"Benchmarking preset {args.preset} on {args.device} ...", file=sys.stderr)
-        samples = run_rounds(runners, args.rounds, args.warmup)
+        samples = run_rounds(runners, args.rounds, args.warmup, CALLS_PER_ROUND)
         memory = {} if args.skip_memory else measure_memory(args, work, runners)
     stats = summarize(samples)
-    medians = {k: v["median"] for k, v in stats.items()}
     derived = derived_numbers(stats)
-    _, student_maps, teacher_maps = work.paired_features
+    captured = work.captured
     return {
         "preset": args.preset,
         "device": args.device,
@@ -645,11 +401,13 @@ def benchmark(args) -> Dict:
         "teacher_config": work.cfg.MODEL.DISTILL.TEACHER.CONFIG,
         "feature_pairs": [
             {"student": s, "teacher": t, "shapes": [list(a.shape), list(b.shape)]}
-            for (s, t), a, b in zip(work.distill.feature_pairs, student_maps, teacher_maps)
+            for (s, t), a, b in zip(
+                work.model.feature_pairs, captured.student_features, captured.teacher_features
+            )
         ],
         "timings": samples,
         "stats": stats,
-        "medians": medians,
+        "medians": {k: v["median"] for k, v in stats.items()},
         "derived": derived,
         "ratio": derived["ratio"],
         "ratio_target": RATIO_TARGET,
@@ -666,9 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(PROBE_TAG + json.dumps(memory_probe(args)), flush=True)
         return
     result = benchmark(args)
-    print(format_report(result))
-    write_json(args.json, result)
-    print(f"wrote {os.path.relpath(args.json)}")
+    publish(format_report(result), result, args.json)
 
 
 if __name__ == "__main__":

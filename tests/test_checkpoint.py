@@ -15,9 +15,9 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from pkd.checkpoint import UNSAFE_LOAD_ENV, CheckpointLoadError, DistillCheckpointer, build_checkpointer
+from pkd.checkpoint import UNSAFE_LOAD_ENV, CheckpointLoadError, DistillCheckpointer
 from pkd.data import DEMO_CLASSES, build_demo_dataset
-from pkd.engine import Trainer
+from pkd.engine import Trainer, build_checkpointer
 from pkd.meta_arch import student_config
 
 from pkd_testing import DEMO, TINY_INPUT, TINY_TEACHER_OPTS, build_seeded, distill_cfg, make_batch

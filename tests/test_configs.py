@@ -1,5 +1,5 @@
 """Every config in configs/ (yacs and LazyConfig) loads, builds on CPU and runs one step; the COCO
-recipes say what METHODS.md's "Published COCO results" table and recipes say.
+recipes state the papers' published COCO results and hyper-parameters.
 
 Nothing is downloaded: student inits are dropped (MODEL.WEIGHTS / train.init_checkpoint are never
 loaded here), teachers keep random weights ("random") and are shrunk through their own override
@@ -32,8 +32,8 @@ HAS_DETECTRON2_C = importlib.util.find_spec("detectron2._C") is not None
 R50_IMAGENET = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 IMAGENET_RGB = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
 
-# METHODS.md "Published COCO results": config -> (teacher AP, baseline AP, KD AP); "n/a" where
-# the paper gives no teacher AP.
+# The papers' COCO results (README, "The published COCO recipes"): config -> (teacher AP,
+# baseline AP, KD AP); "n/a" where the paper gives no teacher AP.
 PUBLISHED = {
     "PKD-RetinaNet-R50-SwinS-MaskRCNN-2x": ("48.2", "37.4", "41.5"),
     "PKD-FCOS-R50-SwinS-MaskRCNN-2x": ("n/a", "39.1", "43.9"),

@@ -11,7 +11,7 @@ import pkd.losses.fgd  # noqa: F401  (registers "FGD")
 import pkd.losses.mse  # noqa: F401  (registers "MSE")
 from pkd.config import get_distill_cfg
 from pkd.losses import DISTILL_LOSS_REGISTRY, DistillInputs, build_distill_losses
-from pkd.losses.fgd import FGDDistiller, FGDLoss, fgd_attention, fgd_masks
+from pkd.losses.fgd import FGDLoss, MultiLevelFGDLoss, fgd_attention, fgd_masks
 
 from pkd_testing import TINY_INPUT, TINY_TEACHER_OPTS, build_seeded, distill_cfg, make_batch
 
@@ -23,7 +23,7 @@ def _boxes(*rows):
 
 
 def _loop_masks(gt_boxes, feature_size, image_size):
-    """METHODS.md's mask rule written box by box, cell by cell."""
+    """FGD's mask rule (the authors' code) written box by box, cell by cell."""
     h, w = feature_size
     fg = torch.zeros(len(gt_boxes), h, w)
     bg = torch.zeros(len(gt_boxes), h, w)
@@ -188,7 +188,7 @@ def test_fgd_builds_from_yacs():
     fgd = build_distill_losses(
         cfg, feature_pairs=pairs, student_shapes=student, teacher_shapes=teacher
     )["FGD"]
-    assert DISTILL_LOSS_REGISTRY.get("FGD") is FGDDistiller
+    assert DISTILL_LOSS_REGISTRY.get("FGD") is MultiLevelFGDLoss
     assert fgd.has_adapter and not fgd.needs_predictions
     assert len(fgd.per_pair) == 3
     for module in fgd.per_pair:
@@ -197,14 +197,14 @@ def test_fgd_builds_from_yacs():
         assert module.term_weights == {"fg": 1e-3, "bg": 5e-4, "att": 5e-4, "global": 5e-6}
 
 
-def test_distiller_outside_a_trainer(maps):
+def test_multi_level_loss_outside_a_trainer(maps):
     s, t = maps
     batch = make_batch(sizes=((72, 88), (72, 88)), boxes_per_image=(2, 0))
     inputs = DistillInputs(
         levels=["p3"], student_features=[s], teacher_features=[t],
         gt_instances=[x["instances"] for x in batch], image_size=(72, 88),
     )
-    out = FGDDistiller(channels=[(8, 8)])(inputs)  # no EventStorage: nothing logged, no error
+    out = MultiLevelFGDLoss(channels=[(8, 8)])(inputs)  # no EventStorage: nothing logged, no error
     assert set(out) == {"loss_fgd_p3"} and torch.isfinite(out["loss_fgd_p3"])
 
 

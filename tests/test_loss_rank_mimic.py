@@ -61,7 +61,7 @@ def _inputs(distiller, batch=None, teacher_is_student=False):
 
 
 def _reference_rm(s, t, groups, images, temperature):
-    """RM written out GT by GT and image by image, as METHODS.md states it."""
+    """RM written out GT by GT and image by image, as rank_mimic_loss documents it."""
     per_image = {}
     for g in groups.unique().tolist():
         members = groups == g
@@ -168,7 +168,7 @@ def test_rm_skips_gts_with_fewer_than_two_positives(distiller):
 
 
 def _reference_pfi(s, t, ps, pt):
-    """PFI written out image by image, as METHODS.md states it."""
+    """PFI written out image by image, as pfi_loss documents it."""
     per_image = []
     for n in range(s.shape[0]):
         d_pred = ((pt[n] - ps[n]) ** 2).mean(dim=0)  # (H, W)

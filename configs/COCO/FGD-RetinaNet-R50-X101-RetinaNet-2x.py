@@ -7,37 +7,19 @@ All five levels p3..p7 <-> p3..p7 (the authors distil every FPN output of Retina
 hyper-parameters, gradients clipped at norm 35, and the student's FPN and head initialised from the
 teacher (inheriting), as the authors' config does.
 
-Gradient clipping: Detectron2's LazyConfig has no option for it; ``clip_gradients`` (common/
-recipe.py) makes the optimizer the clipping SGD subclass that the yacs SOLVER.CLIP_GRADIENTS builds
-(each parameter's gradient clipped to norm 35; the authors clip the global norm, which Detectron2
-offers in neither config kind). The config saved to the output directory then names that
-generated class, which cannot be re-instantiated from the saved file.
-
   tools/train_net.py --config-file configs/COCO/FGD-RetinaNet-R50-X101-RetinaNet-2x.py --num-gpus 8
 """
-from collections import OrderedDict
-
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from pkd.losses import FGDDistiller
-from pkd.meta_arch import DistillMetaArch
-from pkd.teacher import load_teacher
+from pkd.losses import MultiLevelFGDLoss
 
-from .common.recipe import clip_gradients, dataloader, lr_schedule, optimizer, train
+from .common.recipe import clip_gradients, dataloader, distill, lr_schedule, optimizer, train
 
-model = L(DistillMetaArch)(
-    student=model_zoo.get_config("common/models/retinanet.py").model,
-    teacher=L(load_teacher)(
-        config="teachers/RetinaNet-X101-64x4d-1x.yaml",
-        # MMDetection's RetinaNet X101-64x4d converted by tools/convert_teacher.py (see the teacher
-        # config for the source checkpoint); the path is relative to the working directory.
-        weights="output/teachers/retinanet_x101_64x4d_1x.pth",
-        device="${...train.device}",
-    ),
-    # {name: loss module}; a LazyCall, because instantiate() does not descend into plain dicts.
-    losses=L(OrderedDict)(
-        FGD=L(FGDDistiller)(
+model = distill(
+    "RetinaNet",
+    "RetinaNet-X101-64x4d-1x.yaml",
+    {
+        "FGD": L(MultiLevelFGDLoss)(
             channels=[(256, 256)] * 5,  # (student, teacher) FPN channels of each pair
             temperature=0.5,
             alpha=0.001,
@@ -45,12 +27,10 @@ model = L(DistillMetaArch)(
             gamma=0.0005,
             lambda_=0.000005,
         )
-    ),
+    },
     num_levels=5,
-    student_input_format="${..dataloader.train.mapper.image_format}",
     inherit=True,
 )
-model.student.backbone.bottom_up.freeze_at = 2
 
 optimizer.lr = 0.01
 clip_gradients(optimizer, max_norm=35.0)

@@ -10,34 +10,18 @@ upsampled x2 to the teacher's); the student starts from ImageNet (no inheriting)
 
   tools/train_net.py --config-file configs/COCO/PKD-FCOS-R50-SwinS-MaskRCNN-2x.py --num-gpus 8
 """
-import os
-from collections import OrderedDict
-
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from pkd.losses import PKDLoss
-from pkd.meta_arch import DistillMetaArch
-from pkd.teacher import load_teacher
 
-from .common.recipe import dataloader, lr_schedule, optimizer, train
+from .common.recipe import dataloader, distill, lr_schedule, optimizer, train
 
-model = L(DistillMetaArch)(
-    student=model_zoo.get_config("common/models/fcos.py").model,
-    teacher=L(load_teacher)(
-        config="teachers/MaskRCNN-SwinS-FPN-3x.py",
-        # MMDetection's Swin-S Mask R-CNN converted by tools/convert_teacher.py (see the teacher
-        # config for the source checkpoint); the path is relative to the working directory.
-        weights="output/teachers/mask_rcnn_swin_s_3x.pth",
-        device="${...train.device}",
-    ),
-    # {name: loss module}; a LazyCall, because instantiate() does not descend into plain dicts.
-    losses=L(OrderedDict)(PKD=L(PKDLoss)(weight=6.0, resize_student=True)),
+model = distill(
+    "FCOS",
+    "MaskRCNN-SwinS-FPN-3x.py",
+    {"PKD": L(PKDLoss)(weight=6.0, resize_student=True)},
     num_levels=4,
-    student_input_format="${..dataloader.train.mapper.image_format}",
-    inherit=False,
 )
-model.student.backbone.bottom_up.freeze_at = 2
 
 optimizer.lr = 0.01
 lr_multiplier = lr_schedule(2)

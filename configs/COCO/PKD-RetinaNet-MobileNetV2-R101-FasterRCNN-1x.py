@@ -6,24 +6,19 @@ RetinaNet LazyConfig with torchvision's ImageNet MobileNetV2 as the bottom-up ne
   tools/train_net.py --config-file configs/COCO/PKD-RetinaNet-MobileNetV2-R101-FasterRCNN-1x.py \
       --num-gpus 8
 """
-from collections import OrderedDict
-
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
 from pkd.losses import PKDLoss
-from pkd.meta_arch import DistillMetaArch
 from pkd.modeling.torchvision_backbone import (
     IMAGENET_PIXEL_MEAN,
     IMAGENET_PIXEL_STD,
     TorchvisionBackbone,
 )
-from pkd.teacher import load_teacher
 
-from .common.recipe import dataloader, lr_schedule, optimizer, train
+from .common.recipe import dataloader, distill, lr_schedule, optimizer, train, zoo_student
 
-student = model_zoo.get_config("common/models/retinanet.py").model
+student = zoo_student("RetinaNet")
 student.backbone.bottom_up = L(TorchvisionBackbone)(
     name="mobilenet_v2",
     # torchvision's mobilenet_v2-b0353104.pth; tools/setup_env.sh installs it for offline use.
@@ -40,20 +35,11 @@ student.pixel_std = list(IMAGENET_PIXEL_STD)
 student.input_format = "RGB"
 dataloader.train.mapper.image_format = "RGB"
 
-model = L(DistillMetaArch)(
-    student=student,
-    teacher=L(load_teacher)(
-        config="teachers/FasterRCNN-R101-FPN-2x.yaml",
-        # MMDetection's Faster R-CNN R101 converted by tools/convert_teacher.py (see the teacher
-        # config for the source checkpoint); the path is relative to the working directory.
-        weights="output/teachers/faster_rcnn_r101_2x.pth",
-        device="${...train.device}",
-    ),
-    # {name: loss module}; a LazyCall, because instantiate() does not descend into plain dicts.
-    losses=L(OrderedDict)(PKD=L(PKDLoss)(weight=6.0, resize_student=True)),
+model = distill(
+    student,
+    "FasterRCNN-R101-FPN-2x.yaml",
+    {"PKD": L(PKDLoss)(weight=6.0, resize_student=True)},
     num_levels=4,
-    student_input_format="${..dataloader.train.mapper.image_format}",
-    inherit=False,
 )
 
 optimizer.lr = 0.01

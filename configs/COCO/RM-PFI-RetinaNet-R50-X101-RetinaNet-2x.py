@@ -13,39 +13,22 @@ starts from ImageNet (no inheriting, none in the paper); no gradient clipping.
   tools/train_net.py --config-file configs/COCO/RM-PFI-RetinaNet-R50-X101-RetinaNet-2x.py \
       --num-gpus 8
 """
-from collections import OrderedDict
-
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from pkd.losses.rank_mimic import PFILoss, RankMimicLoss
-from pkd.meta_arch import DistillMetaArch
-from pkd.teacher import load_teacher
 
-from .common.recipe import dataloader, lr_schedule, optimizer, train
+from .common.recipe import dataloader, distill, lr_schedule, optimizer, train
 
-model = L(DistillMetaArch)(
-    student=model_zoo.get_config("common/models/retinanet.py").model,
-    teacher=L(load_teacher)(
-        config="teachers/RetinaNet-X101-64x4d-1x.yaml",
-        # MMDetection's RetinaNet X101-64x4d converted by tools/convert_teacher.py (see the teacher
-        # config for the source checkpoint and the anchor order); the path is relative to the
-        # working directory.
-        weights="output/teachers/retinanet_x101_64x4d_1x.pth",
-        device="${...train.device}",
-        # RM and PFI read the teacher's dense head: its checkpoint must cover the head too.
-        required_parts=("backbone", "head"),
-    ),
-    # {name: loss module}; a LazyCall, because instantiate() does not descend into plain dicts.
-    losses=L(OrderedDict)(
-        RM=L(RankMimicLoss)(weight=4.0, temperature=1.0),
-        PFI=L(PFILoss)(weight=1.5),  # equal FPN channels: no adapters
-    ),
+model = distill(
+    "RetinaNet",
+    "RetinaNet-X101-64x4d-1x.yaml",
+    {
+        "RM": L(RankMimicLoss)(weight=4.0, temperature=1.0),
+        "PFI": L(PFILoss)(weight=1.5),  # equal FPN channels: no adapters
+    },
     num_levels=5,
-    student_input_format="${..dataloader.train.mapper.image_format}",
-    inherit=False,
+    head=True,
 )
-model.student.backbone.bottom_up.freeze_at = 2
 
 optimizer.lr = 0.01
 lr_multiplier = lr_schedule(2)

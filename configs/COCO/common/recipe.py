@@ -1,8 +1,11 @@
 """The published COCO distillation recipe as LazyConfig pieces, shared by the ``../*.py`` configs
 (the LazyConfig twins of ``../Base-*.yaml``): COCO 2017 at single-scale 800 px, batch 16, SGD
 (momentum 0.9, weight decay 1e-4), linear warm-up over 500 iterations from 0.001 x lr, 1x / 2x
-schedules, the students' ImageNet init, and optional gradient clipping.
+schedules, the R50-FPN students with their ImageNet init, the converted teachers, optional
+gradient clipping, and ``distill(...)`` that puts a student, a teacher and losses together.
 """
+import os
+
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2 import model_zoo
@@ -10,6 +13,27 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 
 from pkd.solver import ClippedSGD
+
+from ...common.distill import distill_model
+
+# Each teacher config of configs/teachers and its MMDetection checkpoint converted by
+# tools/convert_teacher.py (the teacher config names the source checkpoint); the paths are
+# relative to the working directory.
+TEACHER_WEIGHTS = {
+    "MaskRCNN-SwinS-FPN-3x.py": "output/teachers/mask_rcnn_swin_s_3x.pth",
+    "RetinaNet-X101-64x4d-1x.yaml": "output/teachers/retinanet_x101_64x4d_1x.pth",
+    "FCOS-X101-64x4d-2x.yaml": "output/teachers/fcos_x101_64x4d_2x.pth",
+    "FasterRCNN-R101-FPN-2x.yaml": "output/teachers/faster_rcnn_r101_2x.pth",
+    "CascadeMaskRCNN-X101-32x4d-DCN-1x.yaml": "output/teachers/cascade_mask_rcnn_x101_dcn_1x.pth",
+    "FCOS-R101-3x.yaml": "output/teachers/fcos_r101_3x.pth",
+}
+# The students: Detectron2's model-zoo R50-FPN detectors (Faster R-CNN is its Mask R-CNN FPN
+# model without the mask branch).
+STUDENT_MODELS = {
+    "RetinaNet": "common/models/retinanet.py",
+    "FCOS": "common/models/fcos.py",
+    "FasterRCNN": "common/models/mask_rcnn_fpn.py",
+}
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.use_instance_mask = False
@@ -52,3 +76,30 @@ def clip_gradients(optimizer, max_norm: float) -> None:
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"``; both go through pkd.solver.ClippedSGD."""
     optimizer._target_ = ClippedSGD
     optimizer.max_grad_norm = max_norm
+
+
+def zoo_student(kind: str):
+    """The model-zoo R50-FPN student ``kind`` (a key of STUDENT_MODELS), its stem and res2 frozen
+    as in the zoo's ImageNet-initialised recipes."""
+    model = model_zoo.get_config(STUDENT_MODELS[kind]).model
+    model.backbone.bottom_up.freeze_at = 2
+    if kind == "FasterRCNN":
+        for key in ("mask_in_features", "mask_pooler", "mask_head"):
+            del model.roi_heads[key]
+    return model
+
+
+def distill(student, teacher, losses, *, num_levels, inherit=False, head=False):
+    """A DistillMetaArch config around ``student`` (a key of STUDENT_MODELS, or a LazyCall
+    model), distilled from ``teacher`` (a key of TEACHER_WEIGHTS: a file in configs/teachers,
+    named relative to configs/ as every shipped config names its teacher); the other arguments:
+    see ``configs/common/distill.py``."""
+    return distill_model(
+        zoo_student(student) if isinstance(student, str) else student,
+        f"teachers/{teacher}",
+        TEACHER_WEIGHTS[teacher],
+        losses,
+        num_levels=num_levels,
+        inherit=inherit,
+        head=head,
+    )

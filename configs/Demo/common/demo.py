@@ -1,8 +1,6 @@
 """LazyConfig pieces shared by the demo's .py configs (the twins of the demo's .yaml files): the
 RetinaNet-R18 student trained from scratch (GN everywhere), the pkd_demo data, the solver, and
 ``distill(...)`` that wraps the student with a teacher and losses."""
-from collections import OrderedDict
-
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2 import model_zoo
@@ -12,8 +10,8 @@ from detectron2.modeling.backbone import ResNet
 from detectron2.solver import WarmupParamScheduler
 
 from pkd.data import DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL
-from pkd.meta_arch import DistillMetaArch
-from pkd.teacher import load_teacher
+
+from ...common.distill import distill_model
 
 CHANNELS = 64
 # The schedule of RetinaNet-R18.yaml (SOLVER.MAX_ITER, STEPS, WARMUP_ITERS of Base-Demo.yaml)
@@ -38,29 +36,17 @@ student.pixel_std = [57.375, 57.120, 58.395]
 
 
 def distill(losses, teacher_config, teacher_weights, num_levels=4, inherit=False, head=False):
-    """A DistillMetaArch config around ``student``.
-
-    Args:
-        losses: {name: L(LossClass)(...)}.
-        teacher_config: the teacher's config, named as in the yacs configs (relative to the
-            project's configs/, e.g. "Demo/FasterRCNN-R18-teacher.yaml"); teacher_weights: its
-            checkpoint.
-        head: the losses use the teacher's dense head (PGD, RM, PFI), so its checkpoint must
-            cover the head too.
-    """
-    return L(DistillMetaArch)(
-        student=student,
-        teacher=L(load_teacher)(
-            config=teacher_config,
-            weights=teacher_weights,
-            device="${...train.device}",
-            required_parts=["backbone", "head"] if head else ["backbone"],
-        ),
-        # instantiate() does not descend into plain dicts: build the mapping with L(OrderedDict)
-        losses=L(OrderedDict)(**losses),
+    """A DistillMetaArch config around ``student``, distilled from ``teacher_config`` (a yacs/.py
+    file in configs/Demo, named relative to configs/ as every shipped config names its teacher)
+    with checkpoint ``teacher_weights``; the other arguments: see ``configs/common/distill.py``."""
+    return distill_model(
+        student,
+        f"Demo/{teacher_config}",
+        teacher_weights,
+        losses,
         num_levels=num_levels,
         inherit=inherit,
-        student_input_format="${..dataloader.train.mapper.image_format}",
+        head=head,
     )
 
 

@@ -5,39 +5,21 @@
 * Trainable distillation modules (adapters, FGD context blocks) are saved apart, under
   ``"distill_losses"``; ``"resume_state"`` keeps what an exact ``--resume`` needs beyond
   Detectron2's own entries (RNG states, the student's loss-normalizer EMA). The teacher is never
-  saved.
+  saved. :func:`pkd.engine.build_checkpointer` assembles this layout for training.
 * Loading never executes code from a file unless explicitly allowed: torch files are read with
   ``weights_only=True``; Detectron2/Caffe2 ``.pkl`` files (pickled numpy arrays) are first
   checked with an unpickler that only accepts numpy arrays and plain containers.
 """
 import io
-import itertools
-import logging
 import os
 import pickle
-import random
-from typing import Iterator
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import Sampler
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-__all__ = [
-    "DistillCheckpointer",
-    "CheckpointLoadError",
-    "ResumeState",
-    "ResumableSampler",
-    "build_checkpointer",
-    "load_torch_file",
-    "UNSAFE_LOAD_ENV",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["DistillCheckpointer", "CheckpointLoadError", "load_torch_file", "UNSAFE_LOAD_ENV"]
 
 # Set to 1 to let checkpoints run arbitrary pickled code when loaded (only for files you trust).
 UNSAFE_LOAD_ENV = "PKD_ALLOW_UNSAFE_CHECKPOINTS"
@@ -158,83 +140,3 @@ def _unreadable(path, error) -> CheckpointLoadError:
         f"Cannot read checkpoint '{path}' ({type(error).__name__}: {str(error).splitlines()[0]}): "
         "the file is truncated or corrupt. Re-download or re-save it."
     )
-
-
-class ResumeState:
-    """Checkpointable with what Detectron2 does not save but an exact resume needs: the RNG
-    states (data augmentation, R-CNN sampling) and the dense students' loss-normalizer EMA
-    (a plain attribute of RetinaNet/FCOS, hence absent from their state_dict)."""
-
-    _EMA_ATTRIBUTES = ("loss_normalizer",)
-
-    def __init__(self, student: nn.Module):
-        self.student = student
-
-    def state_dict(self):
-        np_state = np.random.get_state()
-        state = {
-            "python_random": random.getstate(),
-            "numpy_random": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch_random": torch.get_rng_state(),
-            "student_ema": {
-                k: float(getattr(self.student, k))
-                for k in self._EMA_ATTRIBUTES
-                if hasattr(self.student, k)
-            },
-        }
-        if torch.cuda.is_available():
-            state["cuda_random"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state) -> None:
-        for k, v in state.get("student_ema", {}).items():
-            setattr(self.student, k, v)
-        if comm.get_world_size() > 1:
-            # Only the main process's RNG was saved; other ranks keep their own seeds.
-            logger.info("Resume: RNG states are restored in single-process training only.")
-            return
-        random.setstate(_as_tuples(state["python_random"]))
-        name, keys, *rest = state["numpy_random"]
-        np.random.set_state((name, keys.numpy(), *rest))
-        torch.set_rng_state(state["torch_random"])
-        if "cuda_random" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_random"])
-
-
-def _as_tuples(x):
-    # random.setstate wants tuples; serialisation may have turned them into lists.
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class ResumableSampler(Sampler):
-    """Wraps an (infinite) training sampler; after :meth:`start_at` it skips the indices that
-    the iterations before the resume point consumed, so a resumed run sees the same data order
-    as an uninterrupted one. Skipping costs index generation only, no data loading."""
-
-    def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-        self._skip = 0
-
-    def start_at(self, iteration: int, images_per_rank: int) -> None:
-        self._skip = iteration * images_per_rank
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self._skip, None)
-
-    def __len__(self):
-        return len(self.sampler)
-
-
-def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables) -> DistillCheckpointer:
-    """The checkpointer training uses. For a DistillMetaArch (possibly in DDP) its ``"model"`` is
-    the student; ``distill_losses`` and ``resume_state`` are added as checkpointables."""
-    from .meta_arch import DistillMetaArch  # meta_arch does not need this module
-
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    if isinstance(model, DistillMetaArch):
-        checkpointables["distill_losses"] = model.distill_losses
-        model = model.student
-    checkpointables["resume_state"] = ResumeState(model)
-    return DistillCheckpointer(model, save_dir, **checkpointables)
-

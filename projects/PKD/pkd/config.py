@@ -14,12 +14,14 @@ resolved when the teacher is built (:func:`pkd.teacher.resolve_teacher_config`);
 configs name it relative to the project's ``configs/`` directory (:data:`PROJECT_CONFIGS`), as
 Detectron2 names its model-zoo configs relative to the zoo.
 """
+import inspect
 import os
 from typing import Callable, Tuple
 
 from detectron2.config import CfgNode as _D2CfgNode
 from detectron2.config import get_cfg
 
+from .losses import MSELoss, MultiLevelFGDLoss, PFILoss, PGDLoss, PKDLoss, RankMimicLoss
 from .modeling.swin import add_swin_config
 from .modeling.torchvision_backbone import add_torchvision_config
 
@@ -29,6 +31,13 @@ __all__ = ["add_distill_config", "add_fcos_config", "get_distill_cfg", "PROJECT_
 PROJECT_CONFIGS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "configs")
 )
+
+
+def _default(loss_class, argument: str):
+    """The default of ``argument`` in ``loss_class.__init__``. Each loss class holds its method's
+    defaults (the papers'); its ``MODEL.DISTILL.<NAME>.*`` keys take them from there."""
+    value = inspect.signature(loss_class.__init__).parameters[argument].default
+    return list(value) if isinstance(value, tuple) else value
 
 
 def add_distill_config(cfg: _D2CfgNode) -> None:
@@ -54,7 +63,7 @@ def _add_missing(cfg: _D2CfgNode, defaults: _D2CfgNode) -> None:
 
 
 def _add_distill_keys(cfg: _D2CfgNode) -> None:
-    """``MODEL.DISTILL.*`` (METHODS.md defaults)."""
+    """``MODEL.DISTILL.*``; each loss's defaults are its class's own (the papers')."""
     _C = cfg
     _C.MODEL.DISTILL = _D2CfgNode()
     # Meta-architecture of the student, built from this same config (its _BASE_ applies as usual).
@@ -82,47 +91,47 @@ def _add_distill_keys(cfg: _D2CfgNode) -> None:
     # PKD: Pearson correlation feature imitation.
     _C.MODEL.DISTILL.PKD = _D2CfgNode()
     # Loss weight (6 for R-CNN students and Swin->RetinaNet, 10 for other one-stage pairs).
-    _C.MODEL.DISTILL.PKD.WEIGHT = 6.0
+    _C.MODEL.DISTILL.PKD.WEIGHT = _default(PKDLoss, "weight")
     # On a spatial-size mismatch: True resizes the student to the teacher, False the reverse.
-    _C.MODEL.DISTILL.PKD.RESIZE_STUDENT = True
+    _C.MODEL.DISTILL.PKD.RESIZE_STUDENT = _default(PKDLoss, "resize_student")
 
     # MSE: plain feature imitation, mean((S - T)^2) per level (1x1 adapter if channels differ).
     _C.MODEL.DISTILL.MSE = _D2CfgNode()
-    _C.MODEL.DISTILL.MSE.WEIGHT = 1.0
-    _C.MODEL.DISTILL.MSE.RESIZE_STUDENT = True
+    _C.MODEL.DISTILL.MSE.WEIGHT = _default(MSELoss, "weight")
+    _C.MODEL.DISTILL.MSE.RESIZE_STUDENT = _default(MSELoss, "resize_student")
 
-    # FGD: focal (fg/bg, attention) and global distillation. Defaults: the RetinaNet recipe;
-    # R-CNN students 0.5, 5e-5, 2.5e-5, 5e-5, 5e-7; FCOS 0.8, 1.6e-3, 8e-4, 8e-4, 8e-6.
+    # FGD: focal (fg/bg, attention) and global distillation. Defaults: the RetinaNet recipe (the
+    # R-CNN and FCOS recipes: MultiLevelFGDLoss's docstring).
     _C.MODEL.DISTILL.FGD = _D2CfgNode()
-    _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
-    _C.MODEL.DISTILL.FGD.ALPHA = 1e-3  # foreground term
-    _C.MODEL.DISTILL.FGD.BETA = 5e-4  # background term
-    _C.MODEL.DISTILL.FGD.GAMMA = 5e-4  # attention term
-    _C.MODEL.DISTILL.FGD.LAMBDA = 5e-6  # global (context block) term
+    _C.MODEL.DISTILL.FGD.TEMPERATURE = _default(MultiLevelFGDLoss, "temperature")
+    _C.MODEL.DISTILL.FGD.ALPHA = _default(MultiLevelFGDLoss, "alpha")  # foreground term
+    _C.MODEL.DISTILL.FGD.BETA = _default(MultiLevelFGDLoss, "beta")  # background term
+    _C.MODEL.DISTILL.FGD.GAMMA = _default(MultiLevelFGDLoss, "gamma")  # attention term
+    _C.MODEL.DISTILL.FGD.LAMBDA = _default(MultiLevelFGDLoss, "lambda_")  # global (context) term
 
     # PGD: prediction-guided distillation (dense students and teachers).
     _C.MODEL.DISTILL.PGD = _D2CfgNode()
-    _C.MODEL.DISTILL.PGD.TEMPERATURE = 0.8
-    _C.MODEL.DISTILL.PGD.ALPHA = 0.04  # fg term (0.08 for ATSS-style assignment)
-    _C.MODEL.DISTILL.PGD.BETA = 0.02  # bg term, 0.5 * ALPHA
-    _C.MODEL.DISTILL.PGD.GAMMA = 0.064  # regression term, 1.6 * ALPHA
-    _C.MODEL.DISTILL.PGD.DELTA = 8e-4  # attention terms
+    _C.MODEL.DISTILL.PGD.TEMPERATURE = _default(PGDLoss, "temperature")
+    _C.MODEL.DISTILL.PGD.ALPHA = _default(PGDLoss, "alpha")  # fg term (0.08 for ATSS-style)
+    _C.MODEL.DISTILL.PGD.BETA = _default(PGDLoss, "beta")  # bg term, 0.5 * ALPHA
+    _C.MODEL.DISTILL.PGD.GAMMA = _default(PGDLoss, "gamma")  # regression term, 1.6 * ALPHA
+    _C.MODEL.DISTILL.PGD.DELTA = _default(PGDLoss, "delta")  # attention terms
     # Key predictive locations per GT over all levels (30 for FCOS/GFL, 9 for ATSS-style).
-    _C.MODEL.DISTILL.PGD.TOPK = 30
+    _C.MODEL.DISTILL.PGD.TOPK = _default(PGDLoss, "topk")
     # Quality exponent alpha in sigmoid(score)^(1-alpha) * IoU^alpha, for the cls / reg maps.
-    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_CLS = 0.8
-    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_REG = 0.6
+    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_CLS = _default(PGDLoss, "quality_alpha_cls")
+    _C.MODEL.DISTILL.PGD.QUALITY_ALPHA_REG = _default(PGDLoss, "quality_alpha_reg")
     # Per-level weights of the classification-side loss, finest level first.
-    _C.MODEL.DISTILL.PGD.LEVEL_WEIGHTS = [1.0, 1.25, 1.5, 1.75, 2.0]
+    _C.MODEL.DISTILL.PGD.LEVEL_WEIGHTS = _default(PGDLoss, "level_weights")
 
     # RM: rank mimicking (KL between softmaxed scores over each GT's positive anchors).
     _C.MODEL.DISTILL.RM = _D2CfgNode()
-    _C.MODEL.DISTILL.RM.WEIGHT = 4.0
-    _C.MODEL.DISTILL.RM.TEMPERATURE = 1.0
+    _C.MODEL.DISTILL.RM.WEIGHT = _default(RankMimicLoss, "weight")
+    _C.MODEL.DISTILL.RM.TEMPERATURE = _default(RankMimicLoss, "temperature")
 
     # PFI: prediction-guided feature imitation (feature MSE weighted by prediction disagreement).
     _C.MODEL.DISTILL.PFI = _D2CfgNode()
-    _C.MODEL.DISTILL.PFI.WEIGHT = 1.5
+    _C.MODEL.DISTILL.PFI.WEIGHT = _default(PFILoss, "weight")
 
 
 def add_fcos_config(cfg: _D2CfgNode) -> None:

@@ -2,17 +2,20 @@
 
 ``tools/train_net.py`` is a thin wrapper around :func:`main`; everything a test needs lives here.
 """
+import contextlib
 import json
 import logging
 import os
+import random
 import weakref
 from collections import OrderedDict
 from typing import Dict
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
 
+import detectron2.engine.defaults
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -23,29 +26,26 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.engine.train_loop import TrainerBase
-from detectron2.data import build_detection_train_loader
-from detectron2.data.samplers import TrainingSampler
-from detectron2.data.build import _train_loader_from_config  # the sampler cfg chooses
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
-from .checkpoint import DistillCheckpointer, ResumableSampler, build_checkpointer
+from .checkpoint import DistillCheckpointer
 from .config import get_distill_cfg
 from .cpu_memory import retain_freed_cpu_memory
-from .data import register_demo_datasets
+from .data import DEMO_TEST, DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
 from .solver import build_optimizer
+from .train_loader import build_resumable_lazy_train_loader, build_resumable_train_loader
 
 __all__ = [
     "Trainer",
+    "ResumeState",
+    "build_checkpointer",
     "setup",
     "main",
-    "build_resumable_train_loader",
-    "build_resumable_lazy_train_loader",
     "build_student_for_eval",
     "ddp_kwargs",
     "lazy_train",
@@ -67,74 +67,112 @@ def ddp_kwargs(device: str, **kwargs) -> Dict:
     return kwargs
 
 
-def build_resumable_train_loader(cfg):
-    """Detectron2's train loader for a yacs cfg, with its sampler wrapped in a
-    :class:`ResumableSampler`.
+class ResumeState:
+    """Checkpointable with what Detectron2 does not save but an exact resume needs: the RNG
+    states (data augmentation, R-CNN sampling) and the dense students' loss-normalizer EMA
+    (a plain attribute of RetinaNet/FCOS, hence absent from their state_dict)."""
 
-    Returns:
-        (loader, sampler); sampler is None for an IterableDataset (nothing to skip).
-    """
-    kwargs = _train_loader_from_config(cfg)
-    sampler = kwargs["sampler"] = _resumable(kwargs["sampler"])
-    return build_detection_train_loader(**kwargs), sampler
+    _EMA_ATTRIBUTES = ("loss_normalizer",)
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+
+    def state_dict(self):
+        np_state = np.random.get_state()
+        state = {
+            "python_random": random.getstate(),
+            "numpy_random": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch_random": torch.get_rng_state(),
+            "student_ema": {
+                k: float(getattr(self.student, k))
+                for k in self._EMA_ATTRIBUTES
+                if hasattr(self.student, k)
+            },
+        }
+        if torch.cuda.is_available():
+            state["cuda_random"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state) -> None:
+        for k, v in state.get("student_ema", {}).items():
+            setattr(self.student, k, v)
+        if comm.get_world_size() > 1:
+            # Only the main process's RNG was saved; other ranks keep their own seeds.
+            logger.info("Resume: RNG states are restored in single-process training only.")
+            return
+        random.setstate(_as_tuples(state["python_random"]))
+        name, keys, *rest = state["numpy_random"]
+        np.random.set_state((name, keys.numpy(), *rest))
+        torch.set_rng_state(state["torch_random"])
+        if "cuda_random" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_random"])
 
 
-def build_resumable_lazy_train_loader(train_cfg):
-    """Same for a LazyConfig ``dataloader.train`` node calling ``build_detection_train_loader``
-    (or any loader function with ``dataset`` and ``sampler`` arguments)."""
-    target = train_cfg._target_
-    if isinstance(target, str):
-        target = locate(target)
-    kwargs = {k: instantiate(v) for k, v in train_cfg.items() if k != "_target_"}
-    sampler = kwargs.get("sampler")
-    if sampler is None and not isinstance(kwargs["dataset"], IterableDataset):
-        sampler = TrainingSampler(len(kwargs["dataset"]))
-    kwargs["sampler"] = sampler = _resumable(sampler)
-    return target(**kwargs), sampler
+def _as_tuples(x):
+    # random.setstate wants tuples; serialisation may have turned them into lists.
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _resumable(sampler):
-    return ResumableSampler(sampler) if sampler is not None else None
+def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables) -> DistillCheckpointer:
+    """The checkpointer training uses (the layout of :mod:`pkd.checkpoint`). For a
+    DistillMetaArch (possibly in DDP) its ``"model"`` is the student; ``distill_losses`` and
+    ``resume_state`` are added as checkpointables."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, DistillMetaArch):
+        checkpointables["distill_losses"] = model.distill_losses
+        model = model.student
+    checkpointables["resume_state"] = ResumeState(model)
+    return DistillCheckpointer(model, save_dir, **checkpointables)
 
 
-def _start_sampler_at(sampler, iteration: int, total_batch_size: int) -> None:
-    if sampler is not None:
-        sampler.start_at(iteration, total_batch_size // comm.get_world_size())
+@contextlib.contextmanager
+def _ddp_kwargs_in_default_trainer(device: str):
+    """DefaultTrainer.__init__ wraps the model with ``create_ddp_model(model,
+    broadcast_buffers=False)``, which passes ``device_ids=[local_rank]``: torch refuses that for a
+    CPU module. DefaultTrainer has no argument for it, so while its constructor runs, its module's
+    ``create_ddp_model`` gets :func:`ddp_kwargs` of ``device``."""
+    defaults = detectron2.engine.defaults
+    original = defaults.create_ddp_model
+
+    def cpu_capable_create_ddp_model(model, **kwargs):
+        return original(model, **ddp_kwargs(device, **kwargs))
+
+    defaults.create_ddp_model = cpu_capable_create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for distillation: student-only checkpoints (pkd.checkpoint), an exact
-    ``--resume`` (data order, RNG, normalizer EMA), DDP that also runs on CPU (gloo), and COCO
-    evaluation."""
+    """DefaultTrainer for distillation: student-only checkpoints (:func:`build_checkpointer`), an
+    exact ``--resume`` (data order, RNG, normalizer EMA), DDP that also runs on CPU (gloo), the
+    whole-model gradient clipping of :mod:`pkd.solver`, and COCO evaluation."""
 
     def __init__(self, cfg):
-        TrainerBase.__init__(self)
-        if not logger.isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader, self.train_sampler = build_resumable_train_loader(cfg)
-        model = create_ddp_model(model, **ddp_kwargs(cfg.MODEL.DEVICE, broadcast_buffers=False))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = build_checkpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with _ddp_kwargs_in_default_trainer(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ calls this right after making its checkpointer, which would save
+        # the whole model, teacher included: the hooks save through ours instead.
+        self.checkpointer = build_checkpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        _start_sampler_at(self.train_sampler, self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH)
+        self.data_loader.start_at(self.start_iter)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -161,8 +199,6 @@ def build_student_for_eval(cfg) -> nn.Module:
 
 
 def _register_builtin_datasets(names) -> None:
-    from .data import DEMO_TEST, DEMO_TRAIN, DEMO_VAL
-
     if any(n in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST) for n in names):
         register_demo_datasets()
 
@@ -207,11 +243,14 @@ def _lazy_dataset_names(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# LazyConfig training loop (Detectron2's tools/lazyconfig_train_net.py, with our checkpointer and
-# CPU-capable DDP).
+# LazyConfig training and evaluation. Detectron2 has no trainer class for LazyConfigs (its loop is
+# the script tools/lazyconfig_train_net.py), so this composes its public engine pieces the same
+# way; what is ours: the resumable loader, the student-only checkpointer, CPU-capable DDP and the
+# returned results.
 
 
-def lazy_test(cfg, model):
+def lazy_test(cfg, model) -> Dict:
+    """COCO evaluation of ``model`` on ``cfg.dataloader.test``; {} without an evaluator."""
     if "evaluator" not in cfg.dataloader:
         return {}
     results = inference_on_dataset(
@@ -221,45 +260,46 @@ def lazy_test(cfg, model):
     return results
 
 
-def lazy_train(args, cfg):
+def _lazy_hooks(cfg, checkpointer, evaluate):
+    main_process = comm.is_main_process()
+    writers = default_writers(cfg.train.output_dir, cfg.train.max_iter) if main_process else None
+    return [
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+        if main_process
+        else None,
+        hooks.EvalHook(cfg.train.eval_period, evaluate),
+        hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main_process else None,
+    ]
+
+
+def lazy_train(args, cfg) -> Dict:
+    """Trains a LazyConfig (``--resume`` continues exactly); returns the last evaluation results
+    (the EvalHook evaluates at the end)."""
     model = instantiate(cfg.model)
     logger.info("Model:\n{}".format(model))
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader, train_sampler = build_resumable_lazy_train_loader(cfg.dataloader.train)
+    train_loader = build_resumable_lazy_train_loader(cfg.dataloader.train)
     model = create_ddp_model(model, **ddp_kwargs(cfg.train.device, **cfg.train.ddp))
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
         model, train_loader, optimizer
     )
     checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
-    last_results = {}
+    results = {}
 
-    def test_and_keep_results():
-        last_results.update(lazy_test(cfg, model))
-        return last_results
+    def evaluate():
+        results.update(lazy_test(cfg, model))
+        return results
 
-    trainer.register_hooks(
-        [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
-            hooks.EvalHook(cfg.train.eval_period, test_and_keep_results),
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                period=cfg.train.log_period,
-            )
-            if comm.is_main_process()
-            else None,
-        ]
-    )
+    trainer.register_hooks(_lazy_hooks(cfg, checkpointer, evaluate))
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    _start_sampler_at(train_sampler, start_iter, cfg.dataloader.train.total_batch_size)
-    trainer.train(start_iter, cfg.train.max_iter)  # evaluates at the end (EvalHook)
-    return last_results
+    train_loader.start_at(start_iter)
+    trainer.train(start_iter, cfg.train.max_iter)
+    return results
 
 
 RESULTS_FILE = "eval_results.json"

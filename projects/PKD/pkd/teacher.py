@@ -148,7 +148,7 @@ def _lazy_input_format(cfg) -> str:
         return "BGR"
 
 
-class _StrictCheckpointer(DistillCheckpointer):
+class _TeacherCheckpointer(DistillCheckpointer):
     """Safe loading (zoo .pkl, Caffe2 names, URLs) that refuses a checkpoint that does not cover
     the parts of the teacher distillation runs."""
 
@@ -159,7 +159,18 @@ class _StrictCheckpointer(DistillCheckpointer):
         self.source = source
         self.required_prefixes = tuple(f"{p}." for p in required_parts)
 
-    def _log_incompatible_keys(self, incompatible) -> None:
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        self.check_teacher_coverage(incompatible)
+        return incompatible
+
+    def check_teacher_coverage(self, incompatible) -> None:
+        """Raises TeacherCheckpointError if the loaded checkpoint left a parameter or buffer of
+        the required parts unloaded, or had a tensor of the wrong shape anywhere.
+
+        Args:
+            incompatible: what loading the checkpoint reported (fvcore's ``_IncompatibleKeys``).
+        """
         problems = []
         keys = [k for k in incompatible.missing_keys if k.startswith(self.required_prefixes)]
         unused = sorted(set(incompatible.missing_keys) - set(keys))
@@ -185,7 +196,6 @@ class _StrictCheckpointer(DistillCheckpointer):
                 + ". Point MODEL.DISTILL.TEACHER.WEIGHTS at weights trained with "
                 "MODEL.DISTILL.TEACHER.CONFIG (or fix the config/OPTS to match the checkpoint)."
             )
-        super()._log_incompatible_keys(incompatible)  # unexpected keys: logged, harmless
 
 
 def load_teacher_weights(
@@ -207,7 +217,7 @@ def load_teacher_weights(
             f"Teacher checkpoint '{weights}' does not exist (working directory: {os.getcwd()}). "
             "Set MODEL.DISTILL.TEACHER.WEIGHTS to the teacher's trained weights."
         )
-    _StrictCheckpointer(model, weights, required_parts).load(weights, checkpointables=[])
+    _TeacherCheckpointer(model, weights, required_parts).load(weights, checkpointables=[])
 
 
 class FrozenTeacher(nn.Module):

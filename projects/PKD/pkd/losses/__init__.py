@@ -7,7 +7,7 @@ from .base import (
     align_spatial,
     register_loss,
 )
-from .fgd import FGDDistiller, FGDLoss, fgd_attention, fgd_masks
+from .fgd import FGDLoss, MultiLevelFGDLoss, fgd_attention, fgd_masks
 from .mse import MSELoss, mse_loss
 from .pgd import (
     PGDLoss,
@@ -35,7 +35,7 @@ __all__ = [
     "channel_pearson",
     "MSELoss",
     "mse_loss",
-    "FGDDistiller",
+    "MultiLevelFGDLoss",
     "FGDLoss",
     "fgd_masks",
     "fgd_attention",

@@ -1,8 +1,9 @@
-"""What every distillation loss receives, the loss registry, and the spatial alignment rule."""
+"""What every distillation loss receives, the loss registry, and the spatial and channel alignment
+of a student map to its teacher's."""
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detectron2.structures import Instances
@@ -15,6 +16,7 @@ __all__ = [
     "DenseHeadOutputs",
     "DensePredictions",
     "align_spatial",
+    "channel_adapter",
 ]
 
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
@@ -145,3 +147,12 @@ def align_spatial(student: Tensor, teacher: Tensor, resize_student: bool = True)
     else:
         teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
     return student, teacher
+
+
+def channel_adapter(student_channels: int, teacher_channels: int) -> Optional[nn.Conv2d]:
+    """The trainable adapter of a feature pair whose channel counts differ: a 1x1 conv
+    (N, C_S, H, W) -> (N, C_T, H, W) with PyTorch's default init, applied to the student's map.
+    None when the counts are equal (no adapter)."""
+    if student_channels == teacher_channels:
+        return None
+    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)

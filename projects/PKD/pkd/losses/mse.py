@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from detectron2.config import configurable
 
-from .base import DistillInputs, align_spatial, register_loss
+from .base import DistillInputs, align_spatial, channel_adapter, register_loss
 
 __all__ = ["mse_loss", "MSELoss"]
 
@@ -62,10 +62,8 @@ class MSELoss(nn.Module):
         self.resize_student = bool(resize_student)
         self.channels = None if channels is None else [(int(s), int(t)) for s, t in channels]
         # Identity keeps the adapters indexed by pair, so pair i always uses adapters[i].
-        self.adapters = nn.ModuleList(
-            nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity()
-            for s, t in (self.channels or [])
-        )
+        adapters = [channel_adapter(s, t) for s, t in (self.channels or [])]
+        self.adapters = nn.ModuleList(nn.Identity() if a is None else a for a in adapters)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, resize_student={self.resize_student}"

@@ -6,15 +6,13 @@ by anchor, so the teacher must have the student's anchors per location (DistillM
 when it is built: ``compares_anchors``)."""
 from typing import Dict, Mapping, Optional, Tuple
 
-import fvcore.nn.weight_init as weight_init
 import torch
 from torch import Tensor, nn
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
 from detectron2.utils.events import get_event_storage
 
-from .base import DistillInputs, align_spatial, register_loss
+from .base import DistillInputs, align_spatial, channel_adapter, register_loss
 
 __all__ = ["rank_mimic_loss", "pfi_loss", "RankMimicLoss", "PFILoss"]
 
@@ -166,11 +164,8 @@ class PFILoss(nn.Module):
         """
         super().__init__()
         self.weight = float(weight)
-        self.adapters = nn.ModuleDict()
-        for level, (cs, ct) in (channels or {}).items():
-            if cs != ct:
-                self.adapters[level] = Conv2d(cs, ct, kernel_size=1)
-                weight_init.c2_xavier_fill(self.adapters[level])
+        adapters = {level: channel_adapter(cs, ct) for level, (cs, ct) in (channels or {}).items()}
+        self.adapters = nn.ModuleDict({k: a for k, a in adapters.items() if a is not None})
 
     @classmethod
     def from_config(cls, cfg, *, feature_pairs, student_shapes, teacher_shapes) -> Dict:

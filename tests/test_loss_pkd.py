@@ -13,7 +13,8 @@ def maps():
 
 
 def _closed_form(student, teacher):
-    """(1/C) sum_c (M-1)/M (1 - r_c), METHODS.md."""
+    """(1/C) sum_c (M-1)/M (1 - r_c): the closed form of the PKD loss through r_c, the Pearson
+    correlation of channel c."""
     n, c, h, w = teacher.shape
     m = n * h * w
     s = student.transpose(0, 1).reshape(c, -1).double()
@@ -113,7 +114,8 @@ def test_pkd_module_weights_every_level(maps):
 
 
 def _autograd_reference(student, teacher):
-    """METHODS.md's formula written with plain autograd ops (the spec the fused loss follows)."""
+    """The PKD formula (pkd_loss's docstring) written with plain autograd ops: the reference
+    the fused loss follows."""
     student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
 
     def norm(x):
