@@ -334,7 +334,7 @@ def test_export_refuses_a_checkpoint_that_does_not_cover_the_student(demo_datase
     state = model.state_dict()
     partial = {k: v for k, v in state.items() if not k.startswith("head.")}
     torch.save({"model": partial}, tmp_path / "partial.pth")
-    with pytest.raises(CheckpointLoadError, match=r"does not cover the student.*head\."):
+    with pytest.raises(CheckpointLoadError, match=r"does not fit the student.*head\."):
         load_student_weights(model, str(tmp_path / "partial.pth"))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_student_weights(model, str(tmp_path / "nowhere.pth"))

@@ -37,11 +37,12 @@ student.pixel_std = [57.375, 57.120, 58.395]
 
 def distill(losses, teacher_config, teacher_weights, num_levels=4, inherit=False, head=False):
     """A DistillMetaArch config around ``student``, distilled from ``teacher_config`` (a yacs/.py
-    file in configs/Demo, named relative to configs/ as every shipped config names its teacher)
-    with checkpoint ``teacher_weights``; the other arguments: see ``configs/common/distill.py``."""
+    file named relative to configs/, as every shipped config names its teacher, e.g.
+    "Demo/FasterRCNN-R18-teacher.yaml") with checkpoint ``teacher_weights``; the other arguments:
+    see ``configs/common/distill.py``."""
     return distill_model(
         student,
-        f"Demo/{teacher_config}",
+        teacher_config,
         teacher_weights,
         losses,
         num_levels=num_levels,

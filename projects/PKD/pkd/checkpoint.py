@@ -11,15 +11,26 @@
   checked with an unpickler that only accepts numpy arrays and plain containers.
 """
 import io
+import logging
 import os
 import pickle
+from typing import Sequence
 
 import torch
+from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["DistillCheckpointer", "CheckpointLoadError", "load_torch_file", "UNSAFE_LOAD_ENV"]
+__all__ = [
+    "DistillCheckpointer",
+    "StrictCheckpointer",
+    "CheckpointLoadError",
+    "load_torch_file",
+    "UNSAFE_LOAD_ENV",
+]
+
+logger = logging.getLogger(__name__)
 
 # Set to 1 to let checkpoints run arbitrary pickled code when loaded (only for files you trust).
 UNSAFE_LOAD_ENV = "PKD_ALLOW_UNSAFE_CHECKPOINTS"
@@ -116,6 +127,67 @@ class DistillCheckpointer(DetectionCheckpointer):
                 f"{self.weights_setting} at weights of this model."
             )
         return incompatible
+
+
+class StrictCheckpointer(DistillCheckpointer):
+    """A DistillCheckpointer that refuses a checkpoint leaving any parameter or buffer of the
+    ``required`` parts unloaded (they would silently keep their random initialisation), or
+    holding a tensor of the wrong shape anywhere."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        required: Sequence[str] = ("",),
+        subject: str = "the model",
+        fix: str = "Load the checkpoint trained with this config.",
+        error: type = CheckpointLoadError,
+    ):
+        """
+        Args:
+            required: key prefixes of the parts that must be loaded ("" = every key).
+            subject: what is being loaded, for messages ("the teacher model").
+            fix: the sentence of the error saying what to do.
+            error: the CheckpointLoadError subclass to raise.
+        """
+        super().__init__(model)
+        self.required = tuple(required)
+        self.subject, self.fix, self.error = subject, fix, error
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        self.check_coverage(incompatible)
+        return incompatible
+
+    def check_coverage(self, incompatible) -> None:
+        """Raises ``self.error`` naming the first unloaded or mis-shaped keys.
+
+        Args:
+            incompatible: what loading the checkpoint reported (fvcore's ``_IncompatibleKeys``).
+        """
+        missing = [k for k in incompatible.missing_keys if k.startswith(self.required)]
+        unused = sorted(set(incompatible.missing_keys) - set(missing))
+        if unused:
+            logger.info(f"Parts of {self.subject} that are not needed stay unloaded: {unused}")
+        problems = []
+        if missing:
+            problems.append(
+                f"{len(missing)} parameters/buffers are not in the checkpoint, e.g. {missing[:5]}"
+            )
+        if incompatible.incorrect_shapes:
+            shapes = [
+                f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                for k, a, b in incompatible.incorrect_shapes[:5]
+            ]
+            problems.append(
+                f"{len(incompatible.incorrect_shapes)} tensors have the wrong shape, e.g. {shapes}"
+            )
+        if problems:
+            raise self.error(
+                f"Checkpoint '{self._path_being_loaded}' does not fit {self.subject}: "
+                + "; ".join(problems)
+                + f". {self.fix}"
+            )
 
 
 def load_torch_file(path: str):

@@ -37,7 +37,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .checkpoint import CheckpointLoadError, DistillCheckpointer
+from .checkpoint import StrictCheckpointer
 from .config import get_distill_cfg
 from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 from .engine import build_student_for_eval, is_lazy_config
@@ -132,28 +132,6 @@ def load_student(config_file: str, opts: Sequence[str] = ()) -> StudentConfig:
     return StudentConfig(cfg=cfg, config_file=config_file)
 
 
-class _StrictStudentCheckpointer(DistillCheckpointer):
-    """Refuses a checkpoint that leaves any student tensor at its random initialisation: an
-    exported model is never partly untrained."""
-
-    weights_setting = "--weights"
-
-    def load(self, path, *args, **kwargs):
-        self._weights = path
-        return super().load(path, *args, **kwargs)
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        if incompatible.missing_keys or incompatible.incorrect_shapes:
-            wrong = [k for k, _, _ in incompatible.incorrect_shapes]
-            raise CheckpointLoadError(
-                f"Checkpoint '{self._weights}' does not cover the student: missing "
-                f"{incompatible.missing_keys[:5]} ({len(incompatible.missing_keys)} in all), wrong "
-                f"shapes {wrong[:5]}. Export the checkpoint trained with this config (a "
-                "distillation run's model_final.pth holds exactly the student)."
-            )
-        super()._log_incompatible_keys(incompatible)
-
-
 def load_student_weights(model: nn.Module, weights: str) -> None:
     """Loads a student checkpoint (Detectron2 formats, loaded safely) strictly into ``model``."""
     if not weights or ("://" not in weights and not os.path.isfile(weights)):
@@ -161,7 +139,12 @@ def load_student_weights(model: nn.Module, weights: str) -> None:
             f"Student checkpoint '{weights}' does not exist: pass the trained student's weights "
             "(e.g. OUTPUT_DIR/model_final.pth of the distillation run)."
         )
-    _StrictStudentCheckpointer(model).load(weights, checkpointables=[])
+    StrictCheckpointer(
+        model,
+        subject="the student",
+        fix="Export the checkpoint trained with this config (a distillation run's "
+        "model_final.pth holds exactly the student).",
+    ).load(weights, checkpointables=[])
 
 
 def _register_builtin(dataset: Optional[str]) -> None:

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList
 
-from .checkpoint import CheckpointLoadError, DistillCheckpointer
+from .checkpoint import CheckpointLoadError, StrictCheckpointer
 from .config import PROJECT_CONFIGS, get_distill_cfg
 from .losses.base import DenseHeadOutputs
 from .students import capture_tower_taps, dense_head_outputs
@@ -148,56 +148,6 @@ def _lazy_input_format(cfg) -> str:
         return "BGR"
 
 
-class _TeacherCheckpointer(DistillCheckpointer):
-    """Safe loading (zoo .pkl, Caffe2 names, URLs) that refuses a checkpoint that does not cover
-    the parts of the teacher distillation runs."""
-
-    weights_setting = "MODEL.DISTILL.TEACHER.WEIGHTS"
-
-    def __init__(self, model: nn.Module, source: str, required_parts: Sequence[str]):
-        super().__init__(model)
-        self.source = source
-        self.required_prefixes = tuple(f"{p}." for p in required_parts)
-
-    def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
-        self.check_teacher_coverage(incompatible)
-        return incompatible
-
-    def check_teacher_coverage(self, incompatible) -> None:
-        """Raises TeacherCheckpointError if the loaded checkpoint left a parameter or buffer of
-        the required parts unloaded, or had a tensor of the wrong shape anywhere.
-
-        Args:
-            incompatible: what loading the checkpoint reported (fvcore's ``_IncompatibleKeys``).
-        """
-        problems = []
-        keys = [k for k in incompatible.missing_keys if k.startswith(self.required_prefixes)]
-        unused = sorted(set(incompatible.missing_keys) - set(keys))
-        if unused:
-            logger.info(f"Teacher parts that distillation does not run stay unloaded: {unused}")
-        if keys:
-            problems.append(
-                f"{len(keys)} teacher parameters/buffers are not in the checkpoint, "
-                f"e.g. {keys[:5]}"
-            )
-        if incompatible.incorrect_shapes:
-            shapes = [
-                f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
-                for k, a, b in incompatible.incorrect_shapes[:5]
-            ]
-            problems.append(
-                f"{len(incompatible.incorrect_shapes)} tensors have the wrong shape, e.g. {shapes}"
-            )
-        if problems:
-            raise TeacherCheckpointError(
-                f"Teacher checkpoint '{self.source}' does not fit the teacher model: "
-                + "; ".join(problems)
-                + ". Point MODEL.DISTILL.TEACHER.WEIGHTS at weights trained with "
-                "MODEL.DISTILL.TEACHER.CONFIG (or fix the config/OPTS to match the checkpoint)."
-            )
-
-
 def load_teacher_weights(
     model: nn.Module, weights: str, required_parts: Sequence[str] = ("backbone",)
 ) -> None:
@@ -217,7 +167,14 @@ def load_teacher_weights(
             f"Teacher checkpoint '{weights}' does not exist (working directory: {os.getcwd()}). "
             "Set MODEL.DISTILL.TEACHER.WEIGHTS to the teacher's trained weights."
         )
-    _TeacherCheckpointer(model, weights, required_parts).load(weights, checkpointables=[])
+    StrictCheckpointer(
+        model,
+        required=[f"{part}." for part in required_parts],
+        subject="the teacher model",
+        fix="Point MODEL.DISTILL.TEACHER.WEIGHTS at weights trained with "
+        "MODEL.DISTILL.TEACHER.CONFIG (or fix the config/OPTS to match the checkpoint).",
+        error=TeacherCheckpointError,
+    ).load(weights, checkpointables=[])
 
 
 class FrozenTeacher(nn.Module):
