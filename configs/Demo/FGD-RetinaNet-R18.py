@@ -8,7 +8,7 @@ from .common.demo import CHANNELS, dataloader, distill, lr_multiplier, optimizer
 
 model = distill(
     {"FGD": L(MultiLevelFGDLoss)(channels=[(CHANNELS, CHANNELS)] * 4)},
-    "FasterRCNN-R18-teacher.yaml",
+    "Demo/FasterRCNN-R18-teacher.yaml",
     "output/demo/teacher/model_final.pth",
 )
 train.output_dir = "output/demo/student_fgd_lazy"
