@@ -4,6 +4,7 @@ Their levels equal what torchvision's own modules compute at strides 4..32; weig
 FREEZE_AT and FrozenBN behave as Detectron2's ResNet; they serve as student and teacher backbone
 of RetinaNet, FCOS and Faster R-CNN inside DistillMetaArch; a distilled student's checkpoint
 deploys in plain Detectron2 and resumes exactly."""
+import logging
 import os
 import shutil
 from collections import OrderedDict
@@ -354,7 +355,10 @@ def test_lazyconfig_builds_the_yacs_model():
     assert _frozen(lazy.bottom_up) == _frozen(yacs.bottom_up)
 
 
-def test_imagenet_weights_with_another_input_format_warn(caplog):
+def test_imagenet_weights_with_another_input_format_warn(caplog, monkeypatch):
+    # An in-process training earlier in the session (pkd.engine.setup -> Detectron2's setup_logger)
+    # stops the "pkd" logger from propagating to the root logger that caplog listens on.
+    monkeypatch.setattr(logging.getLogger("pkd"), "propagate", True)
     build_backbone(_yacs("build_torchvision_backbone", "MODEL.TORCHVISION.WEIGHTS",
                          MOBILENET_V2_IMAGENET))
     assert "set INPUT.FORMAT 'RGB'" in caplog.text
