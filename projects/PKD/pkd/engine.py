@@ -33,6 +33,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
+from .analysis.teacher_check import build_teacher_check_hook
 from .checkpoint import DistillCheckpointer, ResumableSampler, build_checkpointer
 from .config import get_distill_cfg
 from .cpu_memory import retain_freed_cpu_memory
@@ -131,6 +132,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    def build_hooks(self):
+        return [build_teacher_check_hook(self.cfg), *super().build_hooks()]
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -241,6 +245,7 @@ def lazy_train(args, cfg):
 
     trainer.register_hooks(
         [
+            build_teacher_check_hook(cfg),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)

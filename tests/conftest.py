@@ -1,0 +1,41 @@
+"""Session fixtures shared by several test modules."""
+import pytest
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.utils.env import seed_all_rng
+
+from pkd.engine import Trainer
+
+from pkd_testing import SQUARES, SQUARES_CLASSES, build_squares_dataset, squares_cfg
+
+# The squares teacher's schedule: 80 steps of batch 2 overfit the 8 images (box AP ~40).
+SQUARES_TEACHER_OPTS = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "80", "SOLVER.BASE_LR", "0.04",
+    "SOLVER.STEPS", "(64,)", "SOLVER.WARMUP_ITERS", "10", "SOLVER.CHECKPOINT_PERIOD", "1000",
+]
+
+
+@pytest.fixture(scope="session")
+def squares(tmp_path_factory):
+    """The squares dataset registered as SQUARES (the training and the test set)."""
+    json_path, image_dir = build_squares_dataset(str(tmp_path_factory.mktemp("squares")))
+    register_coco_instances(SQUARES, {"thing_classes": list(SQUARES_CLASSES)}, json_path, image_dir)
+    yield SQUARES
+    DatasetCatalog.remove(SQUARES)
+    MetadataCatalog.remove(SQUARES)
+
+
+@pytest.fixture(scope="session")
+def squares_teacher(squares, tmp_path_factory):
+    """Weights of a RetinaNet-R18 that detects the squares (trained here, tens of seconds);
+    returns (weights path, its box AP on SQUARES)."""
+    out = tmp_path_factory.mktemp("squares_teacher")
+    cfg = squares_cfg(opts=[*SQUARES_TEACHER_OPTS, "OUTPUT_DIR", str(out)])
+    seed_all_rng(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    ap = trainer._last_eval_results["bbox"]["AP"]
+    assert ap > 20, f"the squares teacher did not learn (AP {ap:.1f}): the fixture is broken"
+    return str(out / "model_final.pth"), ap
