@@ -5,6 +5,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.env import seed_all_rng
 
+from pkd.data import build_demo_dataset
 from pkd.engine import Trainer
 
 from pkd_testing import SQUARES, SQUARES_CLASSES, build_squares_dataset, squares_cfg
@@ -39,3 +40,12 @@ def squares_teacher(squares, tmp_path_factory):
     ap = trainer._last_eval_results["bbox"]["AP"]
     assert ap > 20, f"the squares teacher did not learn (AP {ap:.1f}): the fixture is broken"
     return str(out / "model_final.pth"), ap
+
+
+@pytest.fixture(scope="session")
+def demo_datasets_dir(tmp_path_factory):
+    """A DETECTRON2_DATASETS folder holding the demo dataset, built once: a tools/train_net.py
+    subprocess (several, with --num-gpus) finds it there instead of building it."""
+    root = tmp_path_factory.mktemp("datasets")
+    build_demo_dataset(str(root / "pkd_demo"))
+    return root
