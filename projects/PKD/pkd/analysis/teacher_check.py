@@ -163,10 +163,13 @@ def blind_teacher_message(
             f"- classes: the teacher predicts {num_classes} classes, {dataset_name} has "
             f"{len(classes)}: it was trained on other data (its class i must be class i here)."
         )
+    if teacher.weights != RANDOM_WEIGHTS:
+        lines.append(
+            f"- weights: is MODEL.DISTILL.TEACHER.WEIGHTS ('{teacher.weights}') the checkpoint "
+            "trained with MODEL.DISTILL.TEACHER.CONFIG (not an init, or another model's weights "
+            "that happen to load)?"
+        )
     lines += [
-        f"- weights: is MODEL.DISTILL.TEACHER.WEIGHTS ('{teacher.weights}') the checkpoint "
-        "trained with MODEL.DISTILL.TEACHER.CONFIG (not an init or another model's weights "
-        "that happen to load)?",
         f"- mean/std: the teacher normalises with PIXEL_MEAN {_values(model.pixel_mean)} and "
         f"PIXEL_STD {_values(model.pixel_std)}; they must be the ones it was trained with.",
         f"- classes: class i of the teacher must be class i of {dataset_name} "
