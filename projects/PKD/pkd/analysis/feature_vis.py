@@ -21,6 +21,7 @@ __all__ = [
     "channel_mean_abs",
     "figure_to_rgb",
     "input_images_rgb",
+    "pair_title",
     "render_feature_pair",
     "render_pcc_histograms",
     "put_feature_images",
@@ -72,6 +73,12 @@ def input_images_rgb(batched_inputs: Sequence[Dict], input_format: str) -> List[
     ]
 
 
+def pair_title(student_level: str, teacher_level: str, student_stride: int, teacher_stride: int) -> str:
+    """The title of a feature pair's picture, e.g. "student p3 (stride 8) <- teacher p2 (stride 4)"."""
+    return (f"student {student_level} (stride {student_stride}) <- "
+            f"teacher {teacher_level} (stride {teacher_stride})")
+
+
 def render_feature_pair(
     title: str,
     columns: Sequence[FeatureColumn],
@@ -114,7 +121,7 @@ def render_feature_pair(
             colorbar = figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
             colorbar.ax.tick_params(labelsize=7)
             if row == 0:
-                ax.set_title(f"{column.label} (stride {column.stride})", fontsize=9)
+                ax.set_title(column.label, fontsize=9)
             col += 1
         for ax in axes[row]:
             ax.set_xticks([])
@@ -183,7 +190,7 @@ def put_feature_images(
         levels, student_features, teacher_features, strides
     ):
         picture = render_feature_pair(
-            f"student {s_level} <- teacher {t_level}, iteration {storage.iter}",
+            f"{pair_title(s_level, t_level, s_stride, t_stride)}, iteration {storage.iter}",
             [FeatureColumn(f"teacher {t_level}", t, t_stride),
              FeatureColumn(f"student {s_level}", s, s_stride)],
             image_sizes,
