@@ -8,7 +8,14 @@ from detectron2.utils.env import seed_all_rng
 from pkd.data import build_demo_dataset
 from pkd.engine import Trainer
 
-from pkd_testing import SQUARES, SQUARES_CLASSES, build_squares_dataset, squares_cfg
+from pkd_testing import (
+    SQUARES,
+    SQUARES_CLASSES,
+    build_squares_dataset,
+    squares_cfg,
+    squares_distill_cfg,
+    train_in_process,
+)
 
 # The squares teacher's schedule: 80 steps of batch 2 overfit the 8 images (box AP ~40).
 SQUARES_TEACHER_OPTS = [
@@ -49,3 +56,17 @@ def demo_datasets_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     build_demo_dataset(str(root / "pkd_demo"))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(squares_teacher, tmp_path_factory):
+    """Two finished 4-iteration runs on SQUARES, as tools/train_net.py leaves them (config.yaml,
+    metrics.json, TensorBoard events, model_final.pth, eval_results.json): the RetinaNet student
+    distilled with PKD from the squares teacher (VIS_PERIOD 2), and the same student alone.
+    Returns (distilled run dir, baseline run dir)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    schedule = ["SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "0", "SOLVER.IMS_PER_BATCH", "2"]
+    distilled = train_in_process(
+        tmp / "pkd", squares_distill_cfg(squares_teacher[0], [*schedule, "VIS_PERIOD", "2"])
+    )
+    return distilled, train_in_process(tmp / "plain", squares_cfg(opts=schedule))

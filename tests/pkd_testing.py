@@ -7,10 +7,12 @@ import cv2
 import numpy as np
 import torch
 
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from pkd.config import get_distill_cfg
+from pkd.engine import main as train_net_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -128,3 +130,14 @@ def squares_distill_cfg(teacher_weights: str, opts: Sequence[str] = ()):
         "MODEL.DISTILL.TEACHER.OPTS", str(SQUARES_MODEL),
         "SOLVER.IMS_PER_BATCH", "2", *opts,
     ])
+
+
+def train_in_process(output_dir, cfg):
+    """``tools/train_net.py --config-file <cfg saved as yaml>`` in this process (so datasets
+    registered here are seen); returns ``output_dir``."""
+    cfg.OUTPUT_DIR = str(output_dir)
+    config = f"{output_dir}.yaml"
+    with open(config, "w") as f:
+        f.write(cfg.dump())
+    train_net_main(default_argument_parser().parse_args(["--config-file", config]))
+    return output_dir

@@ -6,37 +6,11 @@ import json
 import re
 
 import numpy as np
-import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from detectron2.engine import default_argument_parser
-
 from pkd.analysis.report import main as report_main
 from pkd.analysis.report import read_metrics
-from pkd.engine import main as train_main
-
-from pkd_testing import squares_cfg, squares_distill_cfg
-
-TINY_RUN = ["SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "0", "SOLVER.IMS_PER_BATCH", "2"]
-
-
-def train(tmp_path, name, cfg):
-    """tools/train_net.py in-process (setup saves config.yaml, main writes eval_results.json)."""
-    out = tmp_path / name
-    cfg.OUTPUT_DIR = str(out)
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(cfg.dump())
-    train_main(default_argument_parser().parse_args(["--config-file", str(config)]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(squares_teacher, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runs")
-    distilled = train(tmp, "pkd", squares_distill_cfg(squares_teacher[0], [*TINY_RUN, "VIS_PERIOD", "2"]))
-    baseline = train(tmp, "plain", squares_cfg(opts=TINY_RUN))
-    return distilled, baseline
 
 
 def decoded_images(page):
@@ -51,8 +25,8 @@ def not_blank(rgb):
     return len(np.unique(rgb.reshape(-1, 3), axis=0)) > 1
 
 
-def test_report_page_against_the_baseline(runs, tmp_path, capsys):
-    distilled, baseline = runs
+def test_report_page_against_the_baseline(tiny_runs, tmp_path, capsys):
+    distilled, baseline = tiny_runs
     path = report_main([str(distilled), "--baseline", str(baseline), "--out", str(tmp_path),
                         "--num-images", "2"])
     assert path == str(tmp_path / "report.html")
@@ -74,8 +48,8 @@ def test_report_page_against_the_baseline(runs, tmp_path, capsys):
         assert f"<h2>{section}</h2>" in page
 
 
-def test_report_without_baseline_shows_the_set_up_check(runs, tmp_path):
-    distilled, _ = runs
+def test_report_without_baseline_shows_the_set_up_check(tiny_runs, tmp_path):
+    distilled, _ = tiny_runs
     check = {"sound": False, "failures": ["channel order: fed BGR ..."], "warnings": ["loss_pkd_p3: x"],
              "teacher": {"own_path": {"AP": 40.0}, "distiller_path": {"AP": 1.5},
                          "num_images": 8, "dataset": "pkd_squares"}}
@@ -96,8 +70,8 @@ def test_metrics_keep_the_last_value_of_a_repeated_iteration(tmp_path):
     assert metrics == {"loss_cls": [(0, 3.0), (1, 1.5), (2, 1.0)], "kd/pcc_p3": [(1, 0.2)]}
 
 
-def test_tensorboard_shows_the_feature_pictures(runs):
-    distilled, _ = runs
+def test_tensorboard_shows_the_feature_pictures(tiny_runs):
+    distilled, _ = tiny_runs
     events = EventAccumulator(str(distilled), size_guidance={"images": 0})
     events.Reload()
     tags = [t for t in events.Tags()["images"] if t.startswith("kd/features_")]

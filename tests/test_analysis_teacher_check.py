@@ -107,9 +107,17 @@ def test_the_key_and_a_random_teacher_skip_the_check(untrained_teacher, tmp_path
     assert os.path.exists(tmp_path / "model_final.pth")
 
 
-def test_sound_teacher_passes_the_hook(squares_teacher, tmp_path):
-    cfg = squares_distill_cfg(squares_teacher[0], [*TRAIN_ONE, "OUTPUT_DIR", str(tmp_path)])
-    assert "loss_pkd_p3" in train(cfg).storage.histories()
+def test_sound_teacher_passes_and_training_is_the_same_as_without_the_check(squares_teacher, tmp_path):
+    losses = []
+    for check in ("True", "False"):
+        cfg = squares_distill_cfg(squares_teacher[0], [
+            *TRAIN_ONE, "SOLVER.MAX_ITER", "2", "INPUT.MIN_SIZE_TRAIN", "(56, 64, 72)",
+            "MODEL.DISTILL.CHECK_TEACHER", check, "OUTPUT_DIR", str(tmp_path / check)])
+        histories = train(cfg).storage.histories()
+        losses.append({k: h.values() for k, h in histories.items() if k.startswith("loss_")})
+    # the check draws from the global RNGs (data loader seed, resize choice) and restores them:
+    # the same images, augmentations and losses at every iteration
+    assert "loss_pkd_p3" in losses[0] and losses[0] == losses[1]
 
 
 def lazy_squares_cfg(teacher_weights, output_dir):

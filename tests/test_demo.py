@@ -33,3 +33,14 @@ def test_table_has_a_row_per_model():
     assert len(table) == 4
     assert table[2].split()[-4:] == ["50.0", "70.0", "55.0", "10"]
     assert table[3].split()[-4:] == ["20.2", "40.0", "18.0", "-"]
+
+
+def test_demo_ends_with_the_report_of_each_method(tiny_runs, tmp_path, capsys):
+    distilled, baseline = tiny_runs  # laid out as the demo's output/demo/student{,_pkd}
+    (tmp_path / "student_pkd").symlink_to(distilled)
+    (tmp_path / "student").symlink_to(baseline)
+    (path,) = demo.write_reports(str(tmp_path), ["PKD"])
+    assert path == str(tmp_path / "student_pkd" / "report.html") and os.path.isfile(path)
+    page = open(path).read()
+    assert f"baseline <code>{tmp_path / 'student'}</code>" in page
+    assert "Distillation report (PKD vs no KD): " in capsys.readouterr().out

@@ -8,7 +8,9 @@
    requested method (``configs/Demo/<METHOD>-RetinaNet-R18.yaml``; PKD by default);
 4. evaluate everything with COCO box AP — the distilled students also from their exported
    ``model_final.pth`` by plain Detectron2 (``tools/plain_eval.py``, no ``pkd`` import) —, print one
-   table and write it to ``output/demo/results.json``.
+   table and write it to ``output/demo/results.json``;
+5. write the distillation report of each distilled student against the plain one
+   (``output/demo/student_<method>/report.html``, :mod:`pkd.analysis.report`).
 
 Every training runs ``tools/train_net.py`` in a subprocess, so Detectron2's own logs (with ETA)
 show the progress.
@@ -22,6 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .analysis.report import write_report
 from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 
 __all__ = ["main", "run_demo"]
@@ -180,4 +183,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         "  .venv/bin/tensorboard --logdir output/demo   # loss_pkd_* and kd/pcc_* curves\n"
         "  COCO recipes: README.md, 'The published COCO recipes'"
     )
+    write_reports(args.output, methods)
     return rows
+
+
+def write_reports(output_root: str, methods: Sequence[str]) -> List[str]:
+    """The distillation report (tools/report_distill.py) of each method's student against the
+    student trained without KD; prints each page's path."""
+    paths = []
+    for method in methods:
+        run = os.path.join(output_root, f"student_{method.lower()}")
+        paths.append(write_report(run, baseline_dir=os.path.join(output_root, "student")))
+        print(f"Distillation report ({method} vs no KD): {os.path.relpath(paths[-1], REPO)}")
+    return paths

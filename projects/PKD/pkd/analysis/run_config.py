@@ -144,12 +144,19 @@ def teacher_test_mapper(cfg) -> Tuple[Optional[Mapper], str]:
     else:
         config, opts = cfg.MODEL.DISTILL.TEACHER.CONFIG, list(cfg.MODEL.DISTILL.TEACHER.OPTS)
     teacher_cfg, kind = load_teacher_config(config, opts)
+    shown = _shown_path(config)
     if kind == "yacs":
-        return DatasetMapper(teacher_cfg, is_train=False), f"{config} (yacs)"
+        return DatasetMapper(teacher_cfg, is_train=False), f"{shown} (yacs)"
     try:
-        return instantiate(teacher_cfg.dataloader.test.mapper), f"{config} (LazyConfig)"
+        return instantiate(teacher_cfg.dataloader.test.mapper), f"{shown} (LazyConfig)"
     except (AttributeError, KeyError):
-        return None, f"the teacher's LazyConfig {config} has no dataloader.test.mapper"
+        return None, f"the teacher's LazyConfig {shown} has no dataloader.test.mapper"
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it."""
+    relative = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if relative.startswith("..") else relative
 
 
 def dataset_dicts(name: str) -> List[Dict]:

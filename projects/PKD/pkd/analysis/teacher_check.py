@@ -6,10 +6,12 @@ import contextlib
 import io
 import logging
 import math
+import random
 import tempfile
 import uuid
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -76,6 +78,20 @@ def first_annotated(dicts: Sequence[Dict], count: int) -> List[Dict]:
 
 
 @contextlib.contextmanager
+def _global_rng_untouched() -> Iterator[None]:
+    """Restores Python's, numpy's and torch's global RNG states on exit: scoring the teacher
+    draws from them (the DataLoader's base seed, the test-time resize's size choice), and a run
+    must train the same with the check as without it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
 def _registered_subset(dataset_name: str, dicts: List[Dict]) -> Iterator[str]:
     """Registers ``dicts`` under a temporary name with ``dataset_name``'s metadata (classes and
     category ids), so that COCOEvaluator scores exactly these images."""
@@ -106,8 +122,14 @@ def box_ap(
 
     Returns:
         {"AP", "AP50", "AP75", ...} in 0-100; a metric COCO cannot compute (no detections at
-        all, no box of a class) is None, and "AP" is 0.0 when nothing was detected.
+        all, no box of a class) is None, and "AP" is 0.0 when nothing was detected. The global
+        random number generators are left as they were.
     """
+    with _global_rng_untouched():
+        return _box_ap(detect, dicts, mapper, dataset_name)
+
+
+def _box_ap(detect: Detector, dicts: List[Dict], mapper, dataset_name: str) -> Dict:
     loader = build_detection_test_loader(
         dataset=dicts, mapper=mapper, sampler=SequentialSampler(dicts), num_workers=0
     )
