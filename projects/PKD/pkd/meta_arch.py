@@ -12,6 +12,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .analysis.feature_vis import put_feature_images
+from .kd_schedule import check_kd_schedule, kd_weight_scale
 from .losses import (
     DISTILL_LOSS_REGISTRY,
     DensePredictions,
@@ -19,8 +21,6 @@ from .losses import (
     build_distill_losses,
     channel_pearson,
 )
-from .analysis.feature_vis import put_feature_images
-from .kd_schedule import check_kd_schedule, kd_weight_scale
 from .students import StudentOutputs, check_dense_student, check_student, run_student
 from .teacher import FrozenTeacher, load_teacher
 
@@ -399,7 +399,8 @@ class DistillMetaArch(nn.Module):
                 storage.put_scalar(f"kd/pcc_{level}", channel_pearson(s, t))
 
     def _put_feature_images(self, storage, batched_inputs: List[Dict], inputs: DistillInputs) -> None:
-        student_shapes, teacher_shapes = self.student.backbone.output_shape(), self.teacher.output_shape()
+        student_shapes = self.student.backbone.output_shape()
+        teacher_shapes = self.teacher.output_shape()
         put_feature_images(
             storage,
             batched_inputs,

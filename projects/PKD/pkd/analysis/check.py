@@ -25,6 +25,7 @@ from torch import Tensor
 
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from ..losses import channel_pearson
@@ -33,6 +34,7 @@ from .run_config import (
     build_distiller,
     load_config,
     output_dir,
+    seed,
     teacher_test_mapper,
     test_dataset,
     train_batches,
@@ -237,6 +239,7 @@ def check_distill(cfg, num_images: int = 8, num_batches: int = 2) -> Dict:
         the report (JSON-serialisable): "sound", "failures", "warnings" and one section per check.
     """
     findings = Findings()
+    seed_all_rng(seed(cfg))  # as default_setup does before training: the same initialisation
     model = build_distiller(cfg)
     teacher = check_teacher_ap(cfg, model, num_images, findings)
     training = inspect_training_batches(model, train_batches(cfg, num_batches))

@@ -113,13 +113,19 @@ def _curve_groups(metrics: Series, kd_names: Sequence[str]) -> Dict[str, List[st
         "Distillation weight factor (kd/weight_scale)": [
             k for k in ("kd/weight_scale",) if k in metrics
         ],
-        "Box AP during training": [k for k in ("bbox/AP", "bbox/AP50") if k in metrics],
+        # only a run that evaluated more than once has a curve (the table shows the last)
+        "Box AP during training": [
+            k for k in ("bbox/AP", "bbox/AP50") if len(metrics.get(k, ())) > 1
+        ],
     }
     return {title: keys for title, keys in groups.items() if keys}
 
 
-def plot_curves(title: str, keys: Sequence[str], run: Series, baseline: Optional[Series]) -> np.ndarray:
-    """One panel: every key of ``run`` (solid) and the same key of ``baseline`` (dashed)."""
+def plot_curves(
+    title: str, keys: Sequence[str], run: Series, baseline: Optional[Series], last_iteration: int
+) -> np.ndarray:
+    """One panel: every key of ``run`` (solid) and the same key of ``baseline`` (dashed), on
+    iterations 0..last_iteration (the same axis in every panel)."""
     figure = Figure(figsize=(6.4, 3.6), dpi=80)
     ax = figure.subplots()
     for i, key in enumerate(keys):
@@ -131,7 +137,7 @@ def plot_curves(title: str, keys: Sequence[str], run: Series, baseline: Optional
             ax.plot(x, y, style, color=colour, marker="o" if len(x) < 8 else None,
                     markersize=3, linewidth=1.4, label=key + suffix)
     ax.set_title(title, fontsize=11)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, max(last_iteration, 1) * 1.02)
     ax.set_xlabel("iteration", fontsize=9)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
@@ -286,8 +292,9 @@ def write_report(
 
     metrics = read_metrics(run_dir)
     baseline_metrics = read_metrics(baseline_dir) if baseline_dir else None
+    last_iteration = max((points[-1][0] for points in metrics.values()), default=0)
     curves = [
-        (title, plot_curves(title, keys, metrics, baseline_metrics))
+        (title, plot_curves(title, keys, metrics, baseline_metrics, last_iteration))
         for title, keys in _curve_groups(metrics, list(model.distill_losses)).items()
     ]
     run_results = _read_json(os.path.join(run_dir, RESULTS_FILE))

@@ -28,6 +28,7 @@ __all__ = [
     "test_dataset",
     "train_batches",
     "teacher_test_mapper",
+    "seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,3 +166,10 @@ def dataset_dicts(name: str) -> List[Dict]:
 
 def device(cfg) -> torch.device:
     return torch.device(cfg.train.device if is_lazy(cfg) else cfg.MODEL.DEVICE)
+
+
+def seed(cfg) -> Optional[int]:
+    """The config's seed (yacs ``SEED``, LazyConfig ``train.seed``); None when negative (random),
+    as Detectron2's ``default_setup`` reads it."""
+    value = cfg.train.get("seed", -1) if is_lazy(cfg) else cfg.SEED
+    return None if value is None or value < 0 else int(value)
