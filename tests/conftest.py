@@ -1,5 +1,6 @@
 """Session fixtures shared by several test modules."""
 import pytest
+import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -41,9 +42,17 @@ def squares_teacher(squares, tmp_path_factory):
     out = tmp_path_factory.mktemp("squares_teacher")
     cfg = squares_cfg(opts=[*SQUARES_TEACHER_OPTS, "OUTPUT_DIR", str(out)])
     seed_all_rng(0)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    # One thread: with two, float reductions are split differently and 80 steps at this LR end
+    # elsewhere (box AP 24 instead of 41 in one run); on a shared 2-core machine the second
+    # thread also spins (353 s instead of 29 s for this fixture in one measurement).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
     ap = trainer._last_eval_results["bbox"]["AP"]
     assert ap > 20, f"the squares teacher did not learn (AP {ap:.1f}): the fixture is broken"
     return str(out / "model_final.pth"), ap

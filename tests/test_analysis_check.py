@@ -13,9 +13,9 @@ from pkd_testing import SQUARES, SQUARES_MODEL, squares_distill_cfg
 from test_analysis_teacher_check import lazy_squares_cfg
 
 
-def run_check(tmp_path, config_file, *opts, num_batches=1):
+def run_check(tmp_path, config_file, *opts, num_batches=1, num_images=4):
     code = main(["--config-file", str(config_file), "--output", str(tmp_path), "--num-batches",
-                 str(num_batches), *opts])
+                 str(num_batches), "--num-images", str(num_images), *opts])
     with open(tmp_path / "check_distill.json") as f:
         return code, json.load(f)
 
@@ -28,14 +28,14 @@ def yacs_file(tmp_path, weights, opts=()):
 
 def test_sound_set_up_passes(squares_teacher, tmp_path, capsys):
     weights, ap = squares_teacher
-    code, report = run_check(tmp_path, yacs_file(tmp_path, weights), num_batches=2)
+    code, report = run_check(tmp_path, yacs_file(tmp_path, weights), num_batches=2, num_images=8)
     out = capsys.readouterr().out
     assert code == 0 and report["sound"] and report["failures"] == [], out
     teacher = report["teacher"]
     assert teacher["num_images"] == 8 and teacher["dataset"] == SQUARES
     # its own data path (its own config's mapper) and the distiller's agree to the digit here
     assert teacher["own_path"]["AP"] == pytest.approx(ap) == teacher["distiller_path"]["AP"]
-    assert teacher["other_channel_order"]["AP"] < ap / 10
+    assert teacher["other_channel_order"]["AP"] < ap / 4
     pairs = report["feature_pairs"]
     assert list(pairs) == ["p3", "p4", "p5", "p6"]
     assert [p["student_stride"] for p in pairs.values()] == [8, 16, 32, 64]
@@ -88,4 +88,6 @@ def test_lazy_config_saved_by_detectron2(squares_teacher, tmp_path):
     code, report = run_check(tmp_path, path, "model.losses.PKD.weight=1.0")
     assert code == 0 and report["sound"]
     assert report["loss_terms"]["loss_pkd_p3"]["weight"] == 1.0
-    assert report["teacher"]["own_path"]["AP"] == pytest.approx(squares_teacher[1])
+    teacher = report["teacher"]
+    assert teacher["distiller_path"]["AP"] > 20
+    assert teacher["own_path"]["AP"] == pytest.approx(teacher["distiller_path"]["AP"])

@@ -49,7 +49,7 @@ def test_squares_teacher_sees_and_a_channel_swap_blinds_it(squares_teacher):
     assert ap == pytest.approx(ap_own, abs=1e-6)  # the distiller's path = its own evaluation
     swapped, _ = teacher_ap(weights, student_format="RGB")
     # red squares look blue and blue ones red: (next to) nothing is right
-    assert ap > 20 and swapped < ap / 10
+    assert ap > 20 and swapped < ap / 4
 
 
 def test_untrained_checkpoint_detects_nothing(untrained_teacher):

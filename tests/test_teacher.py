@@ -21,12 +21,19 @@ def as_inputs(batch, flip=False):
              "width": x["width"]} for x in batch]
 
 
+@pytest.fixture(scope="module")
+def teachers():
+    built = {}
+    for kind, (config, opts) in TEACHERS.items():
+        torch.manual_seed(0)
+        built[kind] = load_teacher(config, "random", [*TINY_INPUT, *opts])
+    return built
+
+
 @pytest.mark.parametrize("kind", sorted(TEACHERS))
 @pytest.mark.parametrize("student_format", ["BGR", "RGB"])
-def test_detect_equals_the_teachers_own_inference(kind, student_format):
-    config, opts = TEACHERS[kind]
-    torch.manual_seed(0)
-    teacher = load_teacher(config, "random", [*TINY_INPUT, *opts])
+def test_detect_equals_the_teachers_own_inference(teachers, kind, student_format):
+    teacher = teachers[kind]
     assert type(teacher.model).__name__ == kind and teacher.input_format == "BGR"
     batch = make_batch(sizes=((64, 88), (72, 64)))
     own = teacher.model(as_inputs(batch))  # its own path: BGR images, its own preprocessing
@@ -41,10 +48,8 @@ def test_detect_equals_the_teachers_own_inference(kind, student_format):
         assert torch.equal(b.pred_classes, a.pred_classes)
 
 
-def test_detect_rescales_to_the_requested_output_size():
-    config, opts = TEACHERS["GeneralizedRCNN"]
-    torch.manual_seed(0)
-    teacher = load_teacher(config, "random", [*TINY_INPUT, *opts])
+def test_detect_rescales_to_the_requested_output_size(teachers):
+    teacher = teachers["GeneralizedRCNN"]
     inputs = as_inputs(make_batch(sizes=((64, 88),)))
     inputs[0].update(height=128, width=176)
     (result,) = teacher.detect(inputs, "BGR")
