@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import torch
 
+from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -141,3 +142,22 @@ def train_in_process(output_dir, cfg):
         f.write(cfg.dump())
     train_net_main(default_argument_parser().parse_args(["--config-file", config]))
     return output_dir
+
+
+def lazy_squares_distill_cfg(teacher_weights: str, output_dir):
+    """LazyConfig twin of :func:`squares_distill_cfg` (configs/Demo/PKD-RetinaNet-R18.py), one
+    iteration."""
+    cfg = LazyConfig.load(os.path.join(DEMO, "PKD-RetinaNet-R18.py"))
+    cfg.model.teacher.config = RETINA_YAML
+    cfg.model.teacher.weights = teacher_weights
+    cfg.model.teacher.opts = list(SQUARES_MODEL)
+    cfg.model.student.num_classes = 2
+    for split in ("train", "test"):
+        cfg.dataloader[split].dataset.names = SQUARES
+        cfg.dataloader[split].num_workers = 0
+        cfg.dataloader[split].mapper.augmentations[0].short_edge_length = 64
+        cfg.dataloader[split].mapper.augmentations[0].max_size = 96
+    cfg.dataloader.train.total_batch_size = 2
+    cfg.train.max_iter = 1
+    cfg.train.output_dir = str(output_dir)
+    return cfg

@@ -1,16 +1,15 @@
 """tools/check_distill.py's logic on the squares teacher: a sound set-up passes; a swapped
 channel order, a random teacher and an over-weighted loss fail or warn as they should."""
 import json
-import os
+import re
 
 import pytest
+
 from detectron2.config import LazyConfig
 
 from pkd.analysis.check import main
 
-from pkd_testing import SQUARES, SQUARES_MODEL, squares_distill_cfg
-
-from test_analysis_teacher_check import lazy_squares_cfg
+from pkd_testing import SQUARES, SQUARES_MODEL, lazy_squares_distill_cfg, squares_distill_cfg
 
 
 def run_check(tmp_path, config_file, *opts, num_batches=1, num_images=4):
@@ -84,10 +83,24 @@ def test_over_weighted_loss_warns_with_the_weight_for_parity(squares_teacher, tm
 
 def test_lazy_config_saved_by_detectron2(squares_teacher, tmp_path):
     path = tmp_path / "lazy.yaml"  # what default_setup writes for a LazyConfig run
-    LazyConfig.save(lazy_squares_cfg(squares_teacher[0], tmp_path), str(path))
+    LazyConfig.save(lazy_squares_distill_cfg(squares_teacher[0], tmp_path), str(path))
     code, report = run_check(tmp_path, path, "model.losses.PKD.weight=1.0")
     assert code == 0 and report["sound"]
     assert report["loss_terms"]["loss_pkd_p3"]["weight"] == 1.0
     teacher = report["teacher"]
     assert teacher["distiller_path"]["AP"] > 20
     assert teacher["own_path"]["AP"] == pytest.approx(teacher["distiller_path"]["AP"])
+
+
+def test_teacher_fed_at_another_size_than_its_own_fails(squares_teacher, tmp_path):
+    # the student tests at 40 px, the teacher's own config at 64: distillation would show the
+    # teacher images half as large again as those it was trained and evaluated on
+    weights, _ = squares_teacher
+    code, report = run_check(tmp_path, yacs_file(tmp_path, weights, [
+        "INPUT.MIN_SIZE_TEST", "40", "INPUT.MAX_SIZE_TEST", "60"]))
+    teacher = report["teacher"]
+    assert code == 1
+    assert abs(teacher["own_path"]["AP"] - teacher["distiller_path"]["AP"]) > 1.0
+    (failure,) = [f for f in report["failures"] if "differs from its own data path" in f]
+    assert re.search(r"the first image is \[4\d, 40\] \(student's test resize\) vs \[\d+, 64\] "
+                     r"\(teacher's own\) - they differ", failure)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
@@ -21,7 +20,14 @@ from pkd.analysis.teacher_check import (
 from pkd.engine import Trainer, lazy_train
 from pkd.teacher import load_teacher
 
-from pkd_testing import DEMO, RETINA_YAML, SQUARES, SQUARES_MODEL, squares_cfg, squares_distill_cfg
+from pkd_testing import (
+    RETINA_YAML,
+    SQUARES,
+    SQUARES_MODEL,
+    lazy_squares_distill_cfg,
+    squares_cfg,
+    squares_distill_cfg,
+)
 
 TRAIN_ONE = ["SOLVER.MAX_ITER", "1", "SOLVER.WARMUP_ITERS", "0", "DATASETS.TEST", "()"]
 
@@ -120,25 +126,8 @@ def test_sound_teacher_passes_and_training_is_the_same_as_without_the_check(squa
     assert "loss_pkd_p3" in losses[0] and losses[0] == losses[1]
 
 
-def lazy_squares_cfg(teacher_weights, output_dir):
-    cfg = LazyConfig.load(os.path.join(DEMO, "PKD-RetinaNet-R18.py"))
-    cfg.model.teacher.config = RETINA_YAML
-    cfg.model.teacher.weights = teacher_weights
-    cfg.model.teacher.opts = list(SQUARES_MODEL)
-    cfg.model.student.num_classes = 2
-    for split in ("train", "test"):
-        cfg.dataloader[split].dataset.names = SQUARES
-        cfg.dataloader[split].num_workers = 0
-        cfg.dataloader[split].mapper.augmentations[0].short_edge_length = 64
-        cfg.dataloader[split].mapper.augmentations[0].max_size = 96
-    cfg.dataloader.train.total_batch_size = 2
-    cfg.train.max_iter = 1
-    cfg.train.output_dir = str(output_dir)
-    return cfg
-
-
 def test_lazy_training_refuses_a_blind_teacher(untrained_teacher, tmp_path):
-    cfg = lazy_squares_cfg(untrained_teacher, tmp_path)
+    cfg = lazy_squares_distill_cfg(untrained_teacher, tmp_path)
     with pytest.raises(BlindTeacherError, match="box AP 0.0 on 8 training images of pkd_squares"):
         lazy_train(argparse.Namespace(resume=False), cfg)
     assert not os.path.exists(tmp_path / "model_final.pth")
