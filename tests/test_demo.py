@@ -54,3 +54,18 @@ def test_rows_over_seeds_give_mean_std_and_the_paired_gain(tmp_path):
     assert row["gain_AP"]["std"] == pytest.approx(((1 / 3) ** 2 + (5 / 3) ** 2 + (4 / 3) ** 2) ** 0.5 / 2 ** 0.5)
     line = demo.format_table([baseline, row]).splitlines()[3].split()
     assert line[1:4] == ["14.7", "±", "2.9"] and line[-4:-1] == ["+2.7", "±", "1.5"]
+
+
+def test_demo_ends_with_the_report_of_each_method(tiny_runs, tmp_path, capsys):
+    distilled, baseline = tiny_runs  # laid out as the demo's output/demo/student{,_pkd}
+    (tmp_path / "student_pkd").symlink_to(distilled)
+    (tmp_path / "student").symlink_to(baseline)
+    rows = [{"name": "teacher: x", "output_dir": "unused"},
+            {"name": "student: S, no KD", "output_dir": str(tmp_path / "student")},
+            {"name": "student: S + PKD", "output_dir": str(tmp_path / "student_pkd")},
+            {"name": "  same, model_final.pth in plain Detectron2", "output_dir": "unused"}]
+    (path,) = demo.write_reports(rows)
+    assert path == str(tmp_path / "student_pkd" / "report.html") and os.path.isfile(path)
+    page = open(path).read()
+    assert f"baseline <code>{tmp_path / 'student'}</code>" in page
+    assert "Distillation report (student: S + PKD vs no KD): " in capsys.readouterr().out

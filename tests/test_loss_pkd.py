@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pkd.losses import DISTILL_LOSS_REGISTRY, PKDLoss, DistillInputs, channel_pearson
+from pkd.losses import DISTILL_LOSS_REGISTRY, PKDLoss, DistillInputs, channel_pearson, pearson_per_channel
 from pkd.losses.pkd import _PearsonImitation, pkd_loss
 
 
@@ -171,3 +171,15 @@ def test_channels_last_input_gives_the_same_loss_and_gradient(maps):
 def test_single_value_per_channel_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         pkd_loss(torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1))
+
+
+def test_pearson_per_channel_is_each_channels_correlation():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 3, 5, 7, generator=g)
+    s = torch.stack([t[:, 0] * 2 + 1, -t[:, 1], torch.randn(2, 5, 7, generator=g)], dim=1)
+    r = pearson_per_channel(s, t)
+    assert r.shape == (3,)
+    torch.testing.assert_close(r[:2], torch.tensor([1.0, -1.0]))
+    expected = torch.corrcoef(torch.stack([s[:, 2].flatten(), t[:, 2].flatten()]))[0, 1]
+    torch.testing.assert_close(r[2], expected)
+    torch.testing.assert_close(channel_pearson(s, t), r.mean())

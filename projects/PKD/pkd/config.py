@@ -76,6 +76,14 @@ def _add_distill_keys(cfg: _D2CfgNode) -> None:
     _C.MODEL.DISTILL.NUM_LEVELS = 4
     # Initialise the student's FPN and head from the teacher checkpoint where names/shapes match.
     _C.MODEL.DISTILL.INHERIT = False
+    # Distillation weight schedule (pkd.kd_schedule): every KD term ramps linearly from 0 over the
+    # first WARMUP_ITERS iterations (0: no warm-up); from iteration STOP_ITER on distillation is
+    # off and the teacher does not run (0: never stops). Logged as kd/weight_scale.
+    _C.MODEL.DISTILL.WARMUP_ITERS = 0
+    _C.MODEL.DISTILL.STOP_ITER = 0
+    # Before the first iteration, stop when the teacher detects nothing on a few training images
+    # (skipped for TEACHER.WEIGHTS "random").
+    _C.MODEL.DISTILL.CHECK_TEACHER = True
 
     _C.MODEL.DISTILL.TEACHER = _D2CfgNode()
     # Teacher config (.yaml or LazyConfig .py), resolved when the teacher is built: an absolute

@@ -10,7 +10,9 @@
    students also from their ``model_final.pth`` in plain Detectron2 (``tools/plain_eval.py``), and
    as TorchScript exported by ``tools/export_model.py`` (AP of the exported model's own
    outputs) —, print one table (with several seeds: mean ± std, and each method's gain over the
-   plain student of the same seed) and write it to ``output/demo/results.json``.
+   plain student of the same seed) and write it to ``output/demo/results.json``;
+5. write the distillation report of each distilled student against the plain one (first seed:
+   ``output/demo/student_<method>/report.html``, :mod:`pkd.analysis.report`).
 
 Every training runs ``tools/train_net.py`` in a subprocess, so Detectron2's own logs (with ETA)
 show the progress. A training whose output directory holds the results of the same configuration
@@ -26,6 +28,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from .analysis.report import write_report
 from .config import get_distill_cfg
 from .data import DEMO_TEST, register_demo_datasets
 from .export import evaluate_exported
@@ -289,4 +292,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         "  make demo SEEDS=0,1,2   # the gain over three seeds (mean ± std)\n"
         "  COCO recipes: README.md, 'The published COCO recipes'"
     )
+    write_reports(rows)
     return rows
+
+
+def write_reports(rows: Sequence[Dict]) -> List[str]:
+    """The distillation report (tools/report_distill.py) of each distilled student (first seed)
+    against the student trained without KD (same seed); prints each page's path."""
+    students = [r for r in rows if r["name"].startswith("student:")]
+    baseline, distilled = students[0], students[1:]
+    paths = []
+    for row in distilled:
+        paths.append(write_report(row["output_dir"], baseline_dir=baseline["output_dir"]))
+        print(f"Distillation report ({row['name']} vs no KD): {os.path.relpath(paths[-1], REPO)}")
+    return paths

@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
+from .analysis.teacher_check import build_teacher_check_hook
 from .checkpoint import DistillCheckpointer
 from .config import get_distill_cfg
 from .cpu_memory import retain_freed_cpu_memory
@@ -168,7 +169,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = build_checkpointer(
             self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        return [build_teacher_check_hook(self.cfg), *super().build_hooks()]
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -264,6 +265,7 @@ def _lazy_hooks(cfg, checkpointer, evaluate):
     main_process = comm.is_main_process()
     writers = default_writers(cfg.train.output_dir, cfg.train.max_iter) if main_process else None
     return [
+        build_teacher_check_hook(cfg),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)

@@ -9,8 +9,11 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from .analysis.feature_vis import put_feature_images
+from .kd_schedule import check_kd_schedule, kd_weight_scale
 from .losses import (
     DISTILL_LOSS_REGISTRY,
     DensePredictions,
@@ -93,8 +96,10 @@ class DistillMetaArch(nn.Module):
     losses against ``teacher`` (frozen). Inference is exactly the student's forward.
 
     Training returns the student's loss dict plus one ``loss_<method>_<student_level>`` entry per
-    distillation term, and logs ``kd/pcc_<student_level>`` (mean channel Pearson correlation) to the
-    event storage every PCC_PERIOD iterations.
+    distillation term, each multiplied by the schedule's factor (:func:`pkd.kd_schedule.
+    kd_weight_scale`, logged as ``kd/weight_scale``), and logs ``kd/pcc_<student_level>`` (mean
+    channel Pearson correlation) to the event storage every PCC_PERIOD iterations. While the factor
+    is 0 the teacher does not run and the losses are the student's own.
     """
 
     @configurable
@@ -108,6 +113,10 @@ class DistillMetaArch(nn.Module):
         num_levels: int = 4,
         student_input_format: str = "BGR",
         inherit: bool = False,
+        warmup_iters: int = 0,
+        stop_iter: int = 0,
+        check_teacher: bool = True,
+        vis_period: int = 0,
     ):
         """
         Args:
@@ -120,6 +129,12 @@ class DistillMetaArch(nn.Module):
             inherit: initialise the student's FPN and head from the teacher where names and
                 shapes match (FGD/PGD recipes); the student's init checkpoint (an ImageNet
                 backbone) is loaded afterwards by the trainer.
+            warmup_iters, stop_iter: the distillation weight schedule, see
+                :func:`pkd.kd_schedule.kd_weight_scale` (0: no warm-up / never stops).
+            check_teacher: the trainer refuses to start when the teacher detects nothing on a few
+                training images (:class:`pkd.analysis.teacher_check.TeacherCheckHook`).
+            vis_period: every this many iterations, teacher/student feature pictures go to the
+                event storage (TensorBoard); 0: never. Detectron2's ``VIS_PERIOD``.
         """
         super().__init__()
         check_student(student)
@@ -131,6 +146,10 @@ class DistillMetaArch(nn.Module):
         self.teacher = teacher
         self.distill_losses = nn.ModuleDict(dict(losses))
         self.student_input_format = student_input_format
+        check_kd_schedule(warmup_iters, stop_iter)
+        self.warmup_iters, self.stop_iter = int(warmup_iters), int(stop_iter)
+        self.check_teacher = bool(check_teacher)
+        self.vis_period = int(vis_period)
         student_shapes = student.backbone.output_shape()
         teacher_shapes = teacher.output_shape()
         self.feature_pairs = resolve_feature_pairs(
@@ -271,6 +290,10 @@ class DistillMetaArch(nn.Module):
             "feature_pairs": pairs,
             "student_input_format": cfg.INPUT.FORMAT,
             "inherit": distill.INHERIT,
+            "warmup_iters": distill.WARMUP_ITERS,
+            "stop_iter": distill.STOP_ITER,
+            "check_teacher": distill.CHECK_TEACHER,
+            "vis_period": cfg.VIS_PERIOD,
         }
 
     @property
@@ -287,14 +310,34 @@ class DistillMetaArch(nn.Module):
         """
         if not self.training:
             return self.student(batched_inputs)
+        storage = get_event_storage()
+        scale = self.kd_weight_scale(storage.iter)
+        storage.put_scalar("kd/weight_scale", scale, smoothing_hint=False)
+        if scale == 0.0:
+            return self._student_losses_only(batched_inputs)
         losses, inputs = self.distill_inputs(batched_inputs)
         losses = dict(losses)
         for terms in self.distillation_losses(inputs).values():
             clash = set(terms) & set(losses)
             if clash:
                 raise RuntimeError(f"Distillation loss names {clash} collide with others.")
-            losses.update(terms)
+            losses.update({name: value * scale for name, value in terms.items()})
         self._log_correlation(inputs)
+        if self.vis_period > 0 and storage.iter % self.vis_period == 0:
+            self._put_feature_images(storage, batched_inputs, inputs)
+        return losses
+
+    def kd_weight_scale(self, iteration: int) -> float:
+        """The factor of every distillation term at ``iteration`` (0: distillation off)."""
+        return kd_weight_scale(iteration, self.warmup_iters, self.stop_iter)
+
+    def _student_losses_only(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        losses = dict(self.student(batched_inputs))
+        trainable = [p for p in self.distill_losses.parameters() if p.requires_grad]
+        if trainable and comm.get_world_size() > 1:
+            # DDP (find_unused_parameters=False) expects a gradient for every trainable
+            # parameter in every step: a zero-valued term keeps the KD modules in the graph.
+            losses["loss_kd_idle"] = sum(p.sum() for p in trainable) * 0.0
         return losses
 
     def distill_inputs(self, batched_inputs: List[Dict]) -> Tuple[Dict[str, torch.Tensor], DistillInputs]:
@@ -354,3 +397,16 @@ class DistillMetaArch(nn.Module):
         for level, s, t in zip(inputs.levels, inputs.student_features, inputs.teacher_features):
             if s.shape[1] == t.shape[1]:
                 storage.put_scalar(f"kd/pcc_{level}", channel_pearson(s, t))
+
+    def _put_feature_images(self, storage, batched_inputs: List[Dict], inputs: DistillInputs) -> None:
+        student_shapes = self.student.backbone.output_shape()
+        teacher_shapes = self.teacher.output_shape()
+        put_feature_images(
+            storage,
+            batched_inputs,
+            self.feature_pairs,
+            inputs.student_features,
+            inputs.teacher_features,
+            [(student_shapes[s].stride, teacher_shapes[t].stride) for s, t in self.feature_pairs],
+            self.student_input_format,
+        )

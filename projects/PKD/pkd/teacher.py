@@ -10,8 +10,9 @@ from torch.nn import functional as F
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList
 
 from .checkpoint import CheckpointLoadError, StrictCheckpointer
@@ -270,6 +271,42 @@ class FrozenTeacher(nn.Module):
     def features(self, images: Tensor) -> Dict[str, Tensor]:
         """Backbone(+FPN) maps of a preprocessed batch: {level: (N, C, H, W)}, no grad."""
         return self.model.backbone(images)
+
+    @torch.no_grad()
+    def detect(self, batched_inputs: List[Dict[str, Tensor]], student_format: str) -> List[Dict]:
+        """The teacher's detections on the student's images, fed the way distillation feeds it
+        (:meth:`preprocess`), then the teacher's own inference pieces and Detectron2's
+        ``detector_postprocess``; what a sound teacher gives here equals its own forward on its
+        own data path.
+
+        Args:
+            batched_inputs: Detectron2 test inputs; ``x["image"]`` (C, Hi, Wi) in
+                ``student_format``, ``height``/``width`` (optional) the output resolution.
+
+        Returns:
+            per image ``{"instances": Instances}`` (``pred_boxes``, ``scores``, ``pred_classes``),
+            as a Detectron2 detector's inference returns.
+        """
+        model = self.model
+        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        padded_size = tuple(max(size[i] for size in image_sizes) for i in (0, 1))
+        images = ImageList(self.preprocess(batched_inputs, student_format, padded_size), image_sizes)
+        features = model.backbone(images.tensor)
+        if isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None:
+            proposals, _ = model.proposal_generator(images, features, None)
+            results, _ = model.roi_heads(images, features, proposals, None)
+        elif isinstance(model, DenseDetector):
+            head_features = [features[f] for f in model.head_in_features]
+            results = model.forward_inference(images, head_features, model.head(head_features))
+        else:
+            raise TypeError(
+                f"Cannot run the detections of a {type(model).__name__} teacher: supported are "
+                "GeneralizedRCNN with a proposal generator and dense detectors (RetinaNet, FCOS)."
+            )
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, image_sizes)
+        ]
 
     def check_dense(self) -> None:
         """Raises unless the teacher has a dense head (RetinaNet, FCOS, ...) loaded from its

@@ -19,7 +19,7 @@ from .pgd import (
     pgd_reg_loss,
     pgd_value_maps,
 )
-from .pkd import PKDLoss, channel_pearson, pkd_loss
+from .pkd import PKDLoss, channel_pearson, pearson_per_channel, pkd_loss
 from .rank_mimic import PFILoss, RankMimicLoss, pfi_loss, rank_mimic_loss
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "PKDLoss",
     "pkd_loss",
     "channel_pearson",
+    "pearson_per_channel",
     "MSELoss",
     "mse_loss",
     "MultiLevelFGDLoss",

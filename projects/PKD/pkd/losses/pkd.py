@@ -10,7 +10,7 @@ from detectron2.config import configurable
 
 from .base import DistillInputs, align_spatial, register_loss
 
-__all__ = ["pkd_loss", "channel_pearson", "PKDLoss"]
+__all__ = ["pkd_loss", "channel_pearson", "pearson_per_channel", "PKDLoss"]
 
 _EPS = 1e-6
 _CHANNEL_DIMS = (0, 2, 3)
@@ -116,21 +116,26 @@ def pkd_loss(student: Tensor, teacher: Tensor, *, resize_student: bool = True) -
 
 
 @torch.no_grad()
-def channel_pearson(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean over channels of the Pearson correlation over (N, H, W) — a diagnostic.
+def pearson_per_channel(student: Tensor, teacher: Tensor) -> Tensor:
+    """Pearson correlation of each channel pair over (N, H, W) — a diagnostic.
 
     Args:
         student: (N, C, Hs, Ws); teacher: (N, C, Ht, Wt); the student is resized to the teacher.
 
     Returns:
-        scalar in [-1, 1].
+        (C,) in [-1, 1]; 0 for a constant channel.
     """
     student, teacher = align_spatial(student.float(), teacher.float(), True)
     s, t = _centered(student), _centered(teacher)
     norms = torch.linalg.vector_norm(s, dim=_CHANNEL_DIMS, keepdim=True) * torch.linalg.vector_norm(
         t, dim=_CHANNEL_DIMS, keepdim=True
     )
-    return (_channel_dot(s, t) / norms.clamp_min(1e-12)).mean()
+    return (_channel_dot(s, t) / norms.clamp_min(1e-12)).flatten()
+
+
+def channel_pearson(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over channels of :func:`pearson_per_channel`: a scalar in [-1, 1]."""
+    return pearson_per_channel(student, teacher).mean()
 
 
 @register_loss("PKD")
