@@ -68,7 +68,8 @@ def test_random_teacher_fails(squares, tmp_path):
 
 def test_over_weighted_loss_warns_with_the_weight_for_parity(squares_teacher, tmp_path):
     weights, _ = squares_teacher
-    code, report = run_check(tmp_path, yacs_file(tmp_path, weights, ["MODEL.DISTILL.PKD.WEIGHT", "6000.0"]))
+    config = yacs_file(tmp_path, weights, ["MODEL.DISTILL.PKD.WEIGHT", "6000.0"])
+    code, report = run_check(tmp_path, config)
     assert code == 0 and report["sound"]  # a warning, not a failure
     terms = report["loss_terms"]
     assert all(t["ratio"] > 10 for t in terms.values())

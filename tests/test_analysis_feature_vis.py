@@ -28,8 +28,9 @@ def test_feature_pair_picture_grows_with_images_and_columns():
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 8, 8, generator=g)
     one = render_feature_pair("t", [FeatureColumn("teacher p2", t, 4)], [(60, 64)])
-    two = render_feature_pair("t", [FeatureColumn("teacher p2", t, 4), FeatureColumn("student p3", s, 8)],
-                              [(60, 64), (64, 40)], [np.zeros((60, 64, 3), np.uint8)] * 2)
+    columns = [FeatureColumn("teacher p2", t, 4), FeatureColumn("student p3", s, 8)]
+    inputs = [np.zeros((60, 64, 3), np.uint8)] * 2
+    two = render_feature_pair("t", columns, [(60, 64), (64, 40)], inputs)
     assert one.dtype == np.uint8 and one.ndim == 3 and one.shape[2] == 3
     assert two.shape[0] > one.shape[0] and two.shape[1] > one.shape[1]
     assert distinct_colours(two) > 10
@@ -47,7 +48,8 @@ def test_put_feature_images_names_each_pair():
     s = [torch.randn(3, 4, 10, 12, generator=g), torch.randn(3, 4, 5, 6, generator=g)]
     t = [torch.randn(3, 4, 20, 24, generator=g), torch.randn(3, 4, 10, 12, generator=g)]
     with EventStorage(7) as storage:
-        put_feature_images(storage, batch, [("p3", "p2"), ("p4", "p3")], s, t, [(8, 4), (16, 8)], "BGR")
+        pairs, strides = [("p3", "p2"), ("p4", "p3")], [(8, 4), (16, 8)]
+        put_feature_images(storage, batch, pairs, s, t, strides, "BGR")
         # Detectron2's TensorBoard writer reads these (name, CHW image in [0, 1], iteration)
         images = {name: (image, it) for name, image, it in storage._vis_data}
     assert sorted(images) == ["kd/features_p3", "kd/features_p4"]

@@ -37,7 +37,8 @@ def test_report_page_against_the_baseline(tiny_runs, tmp_path, capsys):
     assert len(images) == 5 + 4 + 1
     assert all(not_blank(rgb) for rgb in images)
     for level, stride in (("p3", 8), ("p6", 64)):
-        assert f'alt="student {level} (stride {stride}) &lt;- teacher {level} (stride {stride})"' in page
+        title = f"student {level} (stride {stride}) &lt;- teacher {level} (stride {stride})"
+        assert f'alt="{title}"' in page
     for curves in ["Detection losses", "Distillation terms", "Total loss", "Feature correlation",
                    "Distillation weight factor"]:
         assert f'alt="{curves}' in page
@@ -51,7 +52,8 @@ def test_report_page_against_the_baseline(tiny_runs, tmp_path, capsys):
 
 def test_report_without_baseline_shows_the_set_up_check(tiny_runs, tmp_path):
     distilled, _ = tiny_runs
-    check = {"sound": False, "failures": ["channel order: fed BGR ..."], "warnings": ["loss_pkd_p3: x"],
+    check = {"sound": False, "failures": ["channel order: fed BGR ..."],
+             "warnings": ["loss_pkd_p3: x"],
              "teacher": {"own_path": {"AP": 40.0}, "distiller_path": {"AP": 1.5},
                          "num_images": 8, "dataset": "pkd_squares"}}
     (tmp_path / "check_distill.json").write_text(json.dumps(check))

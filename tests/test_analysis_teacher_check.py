@@ -46,7 +46,8 @@ def teacher_ap(weights, student_format="BGR", opts=()):
     teacher = load_teacher(RETINA_YAML, weights, [*SQUARES_MODEL, *opts])
     dicts = DatasetCatalog.get(SQUARES)
     mapper = DatasetMapper(squares_cfg(), is_train=False)  # the BGR student's test mapper
-    return box_ap(lambda b: teacher.detect(b, student_format), dicts, mapper, SQUARES)["AP"], teacher
+    ap = box_ap(lambda b: teacher.detect(b, student_format), dicts, mapper, SQUARES)["AP"]
+    return ap, teacher
 
 
 def test_squares_teacher_sees_and_a_channel_swap_blinds_it(squares_teacher):
@@ -73,7 +74,8 @@ def test_message_names_the_channel_order_and_the_classes(squares_teacher):
     swapped, _ = teacher_ap(weights, "RGB", opts=["INPUT.FORMAT", "RGB"])
     message = blind_teacher_message(teacher, ap, "8 images", SQUARES, swapped)
     assert f"fed BGR instead of RGB, the teacher reaches AP {swapped:.1f}" in message
-    teacher = load_teacher(RETINA_YAML, "random", [*SQUARES_MODEL, "MODEL.RETINANET.NUM_CLASSES", "5"])
+    five = [*SQUARES_MODEL, "MODEL.RETINANET.NUM_CLASSES", "5"]
+    teacher = load_teacher(RETINA_YAML, "random", five)
     message = blind_teacher_message(teacher, 0.0, "8 images", SQUARES)
     assert "weights: MODEL.DISTILL.TEACHER.WEIGHTS is 'random'" in message
     assert "the teacher predicts 5 classes, pkd_squares has 2" in message
@@ -113,7 +115,7 @@ def test_the_key_and_a_random_teacher_skip_the_check(untrained_teacher, tmp_path
     assert os.path.exists(tmp_path / "model_final.pth")
 
 
-def test_sound_teacher_passes_and_training_is_the_same_as_without_the_check(squares_teacher, tmp_path):
+def test_sound_teacher_passes_and_training_is_the_same_as_without_it(squares_teacher, tmp_path):
     losses = []
     for check in ("True", "False"):
         cfg = squares_distill_cfg(squares_teacher[0], [

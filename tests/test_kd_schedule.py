@@ -108,7 +108,7 @@ def test_schedule_is_exact_across_resume(squares, tmp_path):
     assert scale_history(resumed) == {2: 2 / 3, 3: 1.0}
 
 
-def test_two_process_training_with_kd_modules_while_distillation_is_off(demo_datasets_dir, tmp_path):
+def test_two_process_training_with_kd_modules_while_off(demo_datasets_dir, tmp_path):
     """FGD's trainable modules get no gradient from the student alone; DDP still steps."""
     run_train_net(
         ["--config-file", os.path.join(DEMO, "FGD-RetinaNet-R18.yaml"), "--num-gpus", "2",

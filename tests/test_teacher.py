@@ -10,7 +10,8 @@ from pkd_testing import DEMO, TEACHER_YAML, TINY_INPUT, TINY_TEACHER_OPTS, make_
 
 TEACHERS = {
     # RetinaNet with every box kept: a random head scores ~0.01
-    "RetinaNet": (os.path.join(DEMO, "RetinaNet-R18.yaml"), ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]),
+    "RetinaNet": (os.path.join(DEMO, "RetinaNet-R18.yaml"),
+                  ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]),
     "GeneralizedRCNN": (TEACHER_YAML, TINY_TEACHER_OPTS),
 }
 

@@ -398,7 +398,9 @@ class DistillMetaArch(nn.Module):
             if s.shape[1] == t.shape[1]:
                 storage.put_scalar(f"kd/pcc_{level}", channel_pearson(s, t))
 
-    def _put_feature_images(self, storage, batched_inputs: List[Dict], inputs: DistillInputs) -> None:
+    def _put_feature_images(
+        self, storage, batched_inputs: List[Dict], inputs: DistillInputs
+    ) -> None:
         student_shapes = self.student.backbone.output_shape()
         teacher_shapes = self.teacher.output_shape()
         put_feature_images(

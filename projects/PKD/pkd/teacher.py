@@ -290,7 +290,8 @@ class FrozenTeacher(nn.Module):
         model = self.model
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         padded_size = tuple(max(size[i] for size in image_sizes) for i in (0, 1))
-        images = ImageList(self.preprocess(batched_inputs, student_format, padded_size), image_sizes)
+        images = self.preprocess(batched_inputs, student_format, padded_size)
+        images = ImageList(images, image_sizes)
         features = model.backbone(images.tensor)
         if isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None:
             proposals, _ = model.proposal_generator(images, features, None)
@@ -304,8 +305,8 @@ class FrozenTeacher(nn.Module):
                 "GeneralizedRCNN with a proposal generator and dense detectors (RetinaNet, FCOS)."
             )
         return [
-            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
-            for r, x, size in zip(results, batched_inputs, image_sizes)
+            {"instances": detector_postprocess(r, x.get("height", h), x.get("width", w))}
+            for r, x, (h, w) in zip(results, batched_inputs, image_sizes)
         ]
 
     def check_dense(self) -> None:

@@ -108,13 +108,14 @@ def check_teacher_ap(cfg, model: DistillMetaArch, num_images: int, findings: Fin
             "MODEL.DISTILL.TEACHER.OPTS)."
         )
     if own is not None and abs(own["AP"] - ap) > AP_TOLERANCE:
-        own_size = _input_size(own_mapper, dicts[0])
-        student_size = _input_size(student_mapper, dicts[0])
+        own_size = _input_size(own_mapper, dicts[0])[1:]
+        student_size = _input_size(student_mapper, dicts[0])[1:]
+        differ = " - they differ" if own_size != student_size else ""
         findings.failures.append(
             f"The teacher's AP through the distiller's path ({ap:.1f}) differs from its own data "
             f"path ({own['AP']:.1f}) on {where}: distillation feeds it differently than it was "
-            f"evaluated. Input size: the first image is {student_size[1:]} (student's test "
-            f"resize) vs {own_size[1:]} (teacher's own){' - they differ' if own_size != student_size else ''}; "
+            f"evaluated. Input size: the first image is {student_size} (student's test "
+            f"resize) vs {own_size} (teacher's own){differ}; "
             f"channel order: the student's images are {student_format}, reordered to the "
             f"teacher's {teacher.input_format}; mean/std: both paths use the teacher's PIXEL_MEAN/"
             "PIXEL_STD. Train the student at the teacher's input size, or check the formats."
@@ -163,14 +164,17 @@ def inspect_training_batches(model: DistillMetaArch, batches: List[List[Dict]]) 
                 detection["grad_norm"].append(_grad_norm(total, maps))
                 for k, v in student_losses.items():
                     detection["losses"].setdefault(k, []).append(v.item())
-                for level, s, t in zip(inputs.levels, inputs.student_features, inputs.teacher_features):
+                pairs_of_step = zip(inputs.levels, inputs.student_features, inputs.teacher_features)
+                for level, s, t in pairs_of_step:
                     pairs[level]["student_rms"].append(_rms(s))
                     pairs[level]["teacher_rms"].append(_rms(t))
                     if s.shape[1] == t.shape[1]:
                         pairs[level]["pcc"].append(float(channel_pearson(s, t)))
                 for loss_name, values in model.distillation_losses(inputs).items():
                     for term, value in values.items():
-                        entry = terms.setdefault(term, {"loss": loss_name, "value": [], "grad_norm": []})
+                        entry = terms.setdefault(
+                            term, {"loss": loss_name, "value": [], "grad_norm": []}
+                        )
                         entry["value"].append(value.item())
                         entry["grad_norm"].append(_grad_norm(value, maps))
     finally:

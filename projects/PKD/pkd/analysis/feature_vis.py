@@ -73,8 +73,10 @@ def input_images_rgb(batched_inputs: Sequence[Dict], input_format: str) -> List[
     ]
 
 
-def pair_title(student_level: str, teacher_level: str, student_stride: int, teacher_stride: int) -> str:
-    """The title of a feature pair's picture, e.g. "student p3 (stride 8) <- teacher p2 (stride 4)"."""
+def pair_title(
+    student_level: str, teacher_level: str, student_stride: int, teacher_stride: int
+) -> str:
+    """A feature pair's picture title: "student p3 (stride 8) <- teacher p2 (stride 4)"."""
     return (f"student {student_level} (stride {student_stride}) <- "
             f"teacher {teacher_level} (stride {teacher_stride})")
 

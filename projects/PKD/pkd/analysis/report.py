@@ -146,7 +146,9 @@ def plot_curves(
     return figure_to_rgb(figure)
 
 
-def _ap_rows(run: Optional[Dict], baseline: Optional[Dict]) -> List[Tuple[str, Optional[float], Optional[float]]]:
+def _ap_rows(
+    run: Optional[Dict], baseline: Optional[Dict]
+) -> List[Tuple[str, Optional[float], Optional[float]]]:
     run_box = (run or {}).get("bbox", {})
     base_box = (baseline or {}).get("bbox", {})
     keys = list(run_box) + [k for k in base_box if k not in run_box]
@@ -154,20 +156,27 @@ def _ap_rows(run: Optional[Dict], baseline: Optional[Dict]) -> List[Tuple[str, O
 
 
 def _fmt(value: Optional[float]) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+    return "-" if not _number(value) else f"{value:.2f}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def ap_table(run: Optional[Dict], baseline: Optional[Dict], has_baseline: bool) -> str:
     if run is None:
-        return f"<p class=note>No {RESULTS_FILE} in the run (it is written after the final evaluation).</p>"
+        return (f"<p class=note>No {RESULTS_FILE} in the run (it is written after the final "
+                "evaluation).</p>")
     header = "<tr><th>metric</th><th>distilled</th>" + (
         "<th>baseline</th><th>&Delta;</th>" if has_baseline else "") + "</tr>"
     rows = []
     for key, a, b in _ap_rows(run, baseline):
         cells = f"<td>{html.escape(key)}</td><td>{_fmt(a)}</td>"
         if has_baseline:
-            delta = a - b if a is not None and b is not None and not math.isnan(a) and not math.isnan(b) else None
-            cls = "" if delta is None else (" class=up" if delta > 0 else " class=down" if delta < 0 else "")
+            delta = a - b if _number(a) and _number(b) else None
+            cls = ""
+            if delta:
+                cls = " class=up" if delta > 0 else " class=down"
             cells += f"<td>{_fmt(b)}</td><td{cls}>{'-' if delta is None else f'{delta:+.2f}'}</td>"
         rows.append(f"<tr>{cells}</tr>")
     return f"<table>{header}{''.join(rows)}</table>"
@@ -223,12 +232,18 @@ def feature_section(
                    FeatureColumn(f"student {s} (KD)", student_maps[s], s_shapes[s].stride)]
         comparable = s in baseline_maps and baseline_shapes[s].channels == t_shapes[t].channels
         if s in baseline_maps:
-            columns.append(FeatureColumn(f"baseline {s} (no KD)", baseline_maps[s], baseline_shapes[s].stride))
+            columns.append(
+                FeatureColumn(f"baseline {s} (no KD)", baseline_maps[s], baseline_shapes[s].stride)
+            )
         title = pair_title(s, t, s_shapes[s].stride, t_shapes[t].stride)
         pictures.append((title, render_feature_pair(title, columns, image_sizes, images)))
         same_channels = s_shapes[s].channels == t_shapes[t].channels
-        distilled_r.append(pearson_per_channel(student_maps[s], teacher_maps[t]) if same_channels else None)
-        baseline_r.append(pearson_per_channel(baseline_maps[s], teacher_maps[t]) if comparable else None)
+        distilled_r.append(
+            pearson_per_channel(student_maps[s], teacher_maps[t]) if same_channels else None
+        )
+        baseline_r.append(
+            pearson_per_channel(baseline_maps[s], teacher_maps[t]) if comparable else None
+        )
     series = {"distilled": distilled_r}
     if baseline is not None:
         series["baseline (no KD)"] = baseline_r
@@ -298,17 +313,22 @@ def write_report(
         for title, keys in _curve_groups(metrics, list(model.distill_losses)).items()
     ]
     run_results = _read_json(os.path.join(run_dir, RESULTS_FILE))
-    baseline_results = _read_json(os.path.join(baseline_dir, RESULTS_FILE)) if baseline_dir else None
+    baseline_results = None
+    if baseline_dir:
+        baseline_results = _read_json(os.path.join(baseline_dir, RESULTS_FILE))
 
     pairs = ", ".join(f"{s} &larr; {t}" for s, t in model.feature_pairs)
     body = [
         "<h1>Distillation report</h1>",
         f"<p class=meta>run <code>{html.escape(os.path.abspath(run_dir))}</code>"
-        + (f"<br>baseline <code>{html.escape(os.path.abspath(baseline_dir))}</code>" if baseline_dir else "")
-        + f"<br>student {type(model.student).__name__}, teacher {type(model.teacher.model).__name__} "
+        + (f"<br>baseline <code>{html.escape(os.path.abspath(baseline_dir))}</code>"
+           if baseline_dir else "")
+        + f"<br>student {type(model.student).__name__}, "
+        f"teacher {type(model.teacher.model).__name__} "
         f"(<code>{html.escape(str(model.teacher.weights))}</code>), losses "
         f"{', '.join(model.distill_losses)}, pairs {pairs}; final checkpoint "
-        f"<code>{html.escape(weights)}</code>; written {datetime.datetime.now():%Y-%m-%d %H:%M}</p>",
+        f"<code>{html.escape(weights)}</code>; "
+        f"written {datetime.datetime.now():%Y-%m-%d %H:%M}</p>",
         "<h2>Box AP</h2>",
         ap_table(run_results, baseline_results, baseline_dir is not None),
         "<h2>Set-up check</h2>",
