@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import detectron2.engine.defaults
-from detectron2.config import CfgNode, LazyConfig, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -34,11 +34,10 @@ from detectron2.utils.registry import locate
 
 from .analysis.teacher_check import build_teacher_check_hook
 from .checkpoint import DistillCheckpointer
-from .config import get_distill_cfg
 from .cpu_memory import retain_freed_cpu_memory
-from .data import DEMO_TEST, DEMO_TRAIN, DEMO_VAL, register_demo_datasets
 from .meta_arch import DistillMetaArch, student_config
 from .solver import build_optimizer
+from .run_config import device, is_lazy, load_config, output_dir
 from .train_loader import build_resumable_lazy_train_loader, build_resumable_train_loader
 
 __all__ = [
@@ -51,14 +50,9 @@ __all__ = [
     "ddp_kwargs",
     "lazy_train",
     "lazy_test",
-    "is_lazy_config",
 ]
 
 logger = logging.getLogger("detectron2")
-
-
-def is_lazy_config(path: str) -> bool:
-    return path.endswith(".py")
 
 
 def ddp_kwargs(device: str, **kwargs) -> Dict:
@@ -199,48 +193,16 @@ def build_student_for_eval(cfg) -> nn.Module:
     return build_model(cfg)
 
 
-def _register_builtin_datasets(names) -> None:
-    if any(n in (DEMO_TRAIN, DEMO_VAL, DEMO_TEST) for n in names):
-        register_demo_datasets()
-
-
 def setup(args):
     """Loads the config (yacs or LazyConfig), applies the trailing overrides and runs
     Detectron2's ``default_setup`` (logging, output dir, seed)."""
-    if is_lazy_config(args.config_file):
-        cfg = LazyConfig.load(args.config_file)
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-        names = _lazy_dataset_names(cfg)
-    else:
-        cfg = get_distill_cfg()
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
+    if not is_lazy(cfg):
         cfg.freeze()
-        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     default_setup(cfg, args)
     # As Detectron2's projects do (e.g. PointRend): show this package's own log lines too.
-    setup_logger(_output_dir(cfg), distributed_rank=comm.get_rank(), name="pkd")
-    _register_builtin_datasets(names)
+    setup_logger(output_dir(cfg), distributed_rank=comm.get_rank(), name="pkd")
     return cfg
-
-
-def _output_dir(cfg) -> str:
-    return cfg.OUTPUT_DIR if isinstance(cfg, CfgNode) else cfg.train.output_dir
-
-
-def _device(cfg) -> torch.device:
-    return torch.device(cfg.MODEL.DEVICE if isinstance(cfg, CfgNode) else cfg.train.device)
-
-
-def _lazy_dataset_names(cfg):
-    names = []
-    for split in ("train", "test"):
-        try:
-            value = cfg.dataloader[split].dataset.names
-        except (AttributeError, KeyError):
-            continue
-        names += [value] if isinstance(value, str) else list(value)
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,14 +273,14 @@ def main(args) -> Dict:
     """Train or evaluate, for either config kind. Returns the (last) evaluation results, also
     written to ``<output_dir>/eval_results.json``."""
     cfg = setup(args)
-    lazy = is_lazy_config(args.config_file)
-    output_dir = _output_dir(cfg)
-    if _device(cfg).type == "cpu":
+    lazy = is_lazy(cfg)
+    out = output_dir(cfg)
+    if device(cfg).type == "cpu":
         retain_freed_cpu_memory()
     if args.eval_only:
         model = build_student_for_eval(cfg)
         weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
-        DistillCheckpointer(model, save_dir=output_dir).resume_or_load(
+        DistillCheckpointer(model, save_dir=out).resume_or_load(
             weights, resume=args.resume
         )
         results = lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)
@@ -330,6 +292,6 @@ def main(args) -> Dict:
         trainer.train()  # evaluates at the end (EvalHook)
         results = getattr(trainer, "_last_eval_results", OrderedDict())
     if results and comm.is_main_process():
-        with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
+        with open(os.path.join(out, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
     return results

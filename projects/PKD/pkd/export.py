@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -38,9 +37,8 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from .checkpoint import StrictCheckpointer
-from .config import get_distill_cfg
-from .data import DEMO_TRAIN, DEMO_VAL, register_demo_datasets
-from .engine import build_student_for_eval, is_lazy_config
+from .engine import build_student_for_eval
+from .run_config import is_lazy, load_config, register_builtin_datasets, test_dataset, test_mapper
 
 __all__ = [
     "FORMATS",
@@ -87,7 +85,7 @@ class StudentConfig:
 
     @property
     def is_lazy(self) -> bool:
-        return not isinstance(self.cfg, CfgNode)
+        return is_lazy(self.cfg)
 
     def build_model(self) -> nn.Module:
         """The student alone (a teacher is neither built nor loaded), on CPU, in eval mode."""
@@ -95,23 +93,15 @@ class StudentConfig:
 
     def mapper(self) -> DatasetMapper:
         """The test-time DatasetMapper: reads a file in the input format and resizes it."""
-        if self.is_lazy:
-            return instantiate(self.cfg.dataloader.test.mapper)
-        return DatasetMapper(self.cfg, is_train=False)
+        return test_mapper(self.cfg)
 
     @property
     def test_dataset(self) -> Optional[str]:
-        if self.is_lazy:
-            try:
-                names = self.cfg.dataloader.test.dataset.names
-            except (AttributeError, KeyError):
-                return None
-            return names if isinstance(names, str) else (list(names) or [None])[0]
-        return self.cfg.DATASETS.TEST[0] if self.cfg.DATASETS.TEST else None
+        return test_dataset(self.cfg)
 
     def test_loader(self, dataset: str):
         """Detectron2's test loader of ``dataset`` with this config's mapper (batch size 1)."""
-        _register_builtin(dataset)
+        register_builtin_datasets([dataset])
         return build_detection_test_loader(
             DatasetCatalog.get(dataset), mapper=self.mapper(), num_workers=0
         )
@@ -120,15 +110,11 @@ class StudentConfig:
 def load_student(config_file: str, opts: Sequence[str] = ()) -> StudentConfig:
     """Loads a distillation or plain config (``.yaml``: ``KEY VALUE`` opts; ``.py``:
     ``key=value`` opts) for export on CPU."""
-    if is_lazy_config(config_file):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
-        if "train" in cfg:
-            cfg.train.device = "cpu"
-    else:
-        cfg = get_distill_cfg()
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
+    if not is_lazy(cfg):
         cfg.MODEL.DEVICE = "cpu"
+    elif "train" in cfg:
+        cfg.train.device = "cpu"
     return StudentConfig(cfg=cfg, config_file=config_file)
 
 
@@ -147,12 +133,6 @@ def load_student_weights(model: nn.Module, weights: str) -> None:
     ).load(weights, checkpointables=[])
 
 
-def _register_builtin(dataset: Optional[str]) -> None:
-    """Registers the built-in demo dataset when it is named and not registered yet."""
-    if dataset in (DEMO_TRAIN, DEMO_VAL) and dataset not in DatasetCatalog:
-        register_demo_datasets()
-
-
 def sample_input(student: StudentConfig, image_file: Optional[str] = None) -> Dict[str, Any]:
     """One test-time input (``{"image": (3, H, W) float32, "height", "width"}``) prepared by the
     config's own mapper: from ``image_file``, else the first image of the config's test set."""
@@ -163,7 +143,7 @@ def sample_input(student: StudentConfig, image_file: Optional[str] = None) -> Di
                 f"{student.config_file} names no test dataset: give a sample image "
                 "(--sample-image) to trace the model with."
             )
-        _register_builtin(dataset)
+        register_builtin_datasets([dataset])
         record = DatasetCatalog.get(dataset)[0]
         image_file = record["file_name"]
     inputs = student.mapper()({"file_name": image_file})
@@ -356,7 +336,7 @@ def export_from_config(
 def _class_names(dataset: Optional[str]) -> Optional[List[str]]:
     if dataset is None:
         return None
-    _register_builtin(dataset)
+    register_builtin_datasets([dataset])
     return MetadataCatalog.get(dataset).get("thing_classes")
 
 

@@ -30,15 +30,8 @@ from detectron2.utils.events import EventStorage
 
 from ..losses import channel_pearson
 from ..meta_arch import DistillMetaArch
-from .run_config import (
-    build_distiller,
-    load_config,
-    output_dir,
-    seed,
-    teacher_test_mapper,
-    test_dataset,
-    train_batches,
-)
+from ..run_config import load_config, output_dir, seed
+from .run_config import build_distiller, teacher_test_mapper, test_dataset, train_batches
 from .teacher_check import (
     MIN_TEACHER_AP,
     blind_teacher_message,

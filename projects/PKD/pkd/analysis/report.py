@@ -45,7 +45,8 @@ from .feature_vis import (
     render_feature_pair,
     render_pcc_histograms,
 )
-from .run_config import build_distiller, load_config, test_dataset
+from ..run_config import load_config
+from .run_config import build_distiller, test_dataset
 
 __all__ = ["read_metrics", "write_report", "main", "REPORT_NAME"]
 

@@ -1,73 +1,26 @@
-"""What ``tools/check_distill.py`` and ``tools/report_distill.py`` read from a config, for both
-config kinds: the config itself (a yacs ``.yaml``, a LazyConfig ``.py``, or the ``config.yaml``
-Detectron2's ``default_setup`` saved into a run's output directory), the distiller it builds, and
-its data (test images through the student's test-time mapper, training batches, the teacher's own
+"""What ``tools/check_distill.py`` and ``tools/report_distill.py`` read from a loaded config
+(:func:`pkd.run_config.load_config`), for both config kinds: the distiller it builds and its data
+(test images through the student's test-time mapper, training batches, the teacher's own
 test-time mapper)."""
 import logging
 import os
-import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
-
-from detectron2.config import CfgNode, LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.config import instantiate
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.registry import locate
 
-from ..config import get_distill_cfg
-from ..engine import _lazy_dataset_names, _register_builtin_datasets, is_lazy_config
+from .. import run_config
 from ..meta_arch import DistillMetaArch
+from ..run_config import is_lazy
 from ..teacher import load_teacher_config
 
-__all__ = [
-    "load_config",
-    "is_lazy",
-    "output_dir",
-    "build_distiller",
-    "test_dataset",
-    "train_batches",
-    "teacher_test_mapper",
-    "seed",
-]
+__all__ = ["build_distiller", "test_dataset", "train_batches", "teacher_test_mapper"]
 
 logger = logging.getLogger(__name__)
 
 Mapper = Callable[[Dict], Dict]
-
-
-def _is_saved_lazy_config(path: str) -> bool:
-    """A ``config.yaml`` written by ``LazyConfig.save`` (lower-case ``model``/``train``
-    sections) rather than a yacs dump (``MODEL``, ``SOLVER``, ...)."""
-    with open(path) as f:
-        top = {m.group(1) for m in re.finditer(r"^(\w+):", f.read(), flags=re.MULTILINE)}
-    return "model" in top and "MODEL" not in top
-
-
-def load_config(path: str, opts: Sequence[str] = ()):
-    """Loads a yacs ``.yaml`` (with the project's keys), a LazyConfig ``.py`` or a saved LazyConfig
-    ``config.yaml``, applies ``opts`` (``KEY VALUE`` / ``key=value``) and registers the built-in
-    datasets it names."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Config file '{path}' does not exist.")
-    if is_lazy_config(path) or _is_saved_lazy_config(path):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
-        names = _lazy_dataset_names(cfg)
-    else:
-        cfg = get_distill_cfg()
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(list(opts))
-        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    _register_builtin_datasets(names)
-    return cfg
-
-
-def is_lazy(cfg) -> bool:
-    return not isinstance(cfg, CfgNode)
-
-
-def output_dir(cfg) -> str:
-    return cfg.train.output_dir if is_lazy(cfg) else cfg.OUTPUT_DIR
 
 
 def _target(node):
@@ -97,13 +50,10 @@ def build_distiller(cfg) -> DistillMetaArch:
 
 def test_dataset(cfg) -> Tuple[str, Mapper]:
     """(the first test set's name, the student's test-time mapper)."""
-    if is_lazy(cfg):
-        names = cfg.dataloader.test.dataset.names
-        name = names if isinstance(names, str) else names[0]
-        return name, instantiate(cfg.dataloader.test.mapper)
-    if not cfg.DATASETS.TEST:
-        raise ValueError("DATASETS.TEST is empty: name a test set to check the teacher on.")
-    return cfg.DATASETS.TEST[0], DatasetMapper(cfg, is_train=False)
+    name = run_config.test_dataset(cfg)
+    if name is None:
+        raise ValueError("The config names no test set: name one to check the teacher on.")
+    return name, run_config.test_mapper(cfg)
 
 
 def train_batches(cfg, count: int) -> List[List[Dict]]:
@@ -158,18 +108,3 @@ def _shown_path(path: str) -> str:
     """``path`` relative to the working directory when it lies under it."""
     relative = os.path.relpath(path) if os.path.isabs(path) else path
     return path if relative.startswith("..") else relative
-
-
-def dataset_dicts(name: str) -> List[Dict]:
-    return DatasetCatalog.get(name)
-
-
-def device(cfg) -> torch.device:
-    return torch.device(cfg.train.device if is_lazy(cfg) else cfg.MODEL.DEVICE)
-
-
-def seed(cfg) -> Optional[int]:
-    """The config's seed (yacs ``SEED``, LazyConfig ``train.seed``); None when negative (random),
-    as Detectron2's ``default_setup`` reads it."""
-    value = cfg.train.get("seed", -1) if is_lazy(cfg) else cfg.SEED
-    return None if value is None or value < 0 else int(value)
