@@ -5,10 +5,11 @@ same class, with the same module tree and parameter names, plus a backbone build
 P6/P7 from P5 as that config does."""
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
+
+from .fpn import fpn_p3_p7
 
 __all__ = ["FCOS", "build_fcos_resnet_fpn_backbone"]
 
@@ -20,16 +21,7 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape):
     Returns:
         FPN backbone with levels p3..p7 for ``MODEL.FPN.IN_FEATURES = [res3, res4, res5]``.
     """
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_p3_p7(cfg, build_resnet_backbone(cfg, input_shape))
 
 
 @META_ARCH_REGISTRY.register()

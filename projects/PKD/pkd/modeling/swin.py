@@ -11,7 +11,8 @@ from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, SwinTransformer
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from .fpn import fpn_p2_p6
 
 __all__ = ["add_swin_config", "build_swin_backbone", "build_swin_fpn_backbone"]
 
@@ -72,11 +73,4 @@ def build_swin_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     Returns:
         FPN backbone with levels p2..p6 for ``MODEL.FPN.IN_FEATURES = [p0, p1, p2, p3]``.
     """
-    return FPN(
-        bottom_up=build_swin_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_p2_p6(cfg, build_swin_backbone(cfg, input_shape))

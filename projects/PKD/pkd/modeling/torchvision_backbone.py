@@ -49,9 +49,10 @@ from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import FPN
 
 from ..checkpoint import CheckpointLoadError, load_torch_file
+from .fpn import fpn_p2_p6, fpn_p3_p7
 
 __all__ = [
     "TorchvisionBackbone",
@@ -555,14 +556,7 @@ def build_torchvision_backbone(cfg, input_shape: ShapeSpec) -> TorchvisionBackbo
 def build_torchvision_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """torchvision network + Detectron2's FPN with levels p2..p6 (p6: max-pooled p5), the R-CNN
     backbone, for ``MODEL.FPN.IN_FEATURES = [res2, res3, res4, res5]``."""
-    return FPN(
-        bottom_up=build_torchvision_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_p2_p6(cfg, build_torchvision_backbone(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
@@ -570,12 +564,4 @@ def build_retinanet_torchvision_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN
     """torchvision network + Detectron2's FPN with levels p3..p7, P6/P7 computed from P5 (as
     ``build_fcos_resnet_fpn_backbone``), for RetinaNet and FCOS with
     ``MODEL.FPN.IN_FEATURES = [res3, res4, res5]``."""
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
-        bottom_up=build_torchvision_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_p3_p7(cfg, build_torchvision_backbone(cfg, input_shape))
