@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.pkd-installed
 METHODS ?= PKD
+SEEDS ?= 0
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean-demo
@@ -13,9 +14,10 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml tools/setup_env.sh
 
 install: $(STAMP)
 
-# Teacher (cached in output/demo/teacher) -> student without KD and with each of METHODS -> table.
+# Teacher (cached in output/demo/teacher) -> student without KD and with each of METHODS, once per
+# seed of SEEDS (e.g. SEEDS=0,1,2: mean ± std and the paired gain) -> table and reports.
 demo: $(STAMP)
-	$(PYTHON) tools/demo.py --methods $(METHODS) $(if $(RETRAIN),--retrain-teacher)
+	$(PYTHON) tools/demo.py --methods $(METHODS) --seeds $(SEEDS) $(if $(RETRAIN),--retrain-teacher)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

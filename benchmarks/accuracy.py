@@ -17,6 +17,11 @@ interrupted study resumes where it stopped.
   .venv/bin/python benchmarks/accuracy.py                 # 3 seeds, every row (~90 min, 2 cores)
   .venv/bin/python benchmarks/accuracy.py --quick         # 1 seed, 3 rows, short schedule
   .venv/bin/python benchmarks/accuracy.py --seeds 0,1,2,3,4 --rows baseline,dense/PKD
+
+The gains need the baseline row in the same table. On a machine with more cores, rows can run
+as separate processes at once (``OMP_NUM_THREADS`` splitting the cores; a teacher is trained by
+the first process that needs it, so start the processes that share one after it exists), then
+``--collect`` prints the table of everything they trained.
 """
 import argparse
 import json
@@ -27,14 +32,16 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from pkd.data import DEMO_TEST, register_demo_datasets
-from pkd.demo import DEMO_CONFIGS, REPO, box_ap, train_cached, train_teacher
+from pkd.demo import DEMO_CONFIGS, REPO, RESULTS_FILE, box_ap, train_cached, train_teacher
 
 METRICS = ("AP", "AP50", "AP75")
 STUDENT = os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2.yaml")
 DISTILL = os.path.join(DEMO_CONFIGS, "PKD-RetinaNet-MobileNetV2.yaml")
+# name: (config, folder under --teachers); the folders `make demo` trains the same configs into,
+# so the study and the demo share their teachers (each is cached with its configuration's stamp).
 TEACHERS = {
-    "dense": os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2-teacher.yaml"),
-    "two-stage": os.path.join(DEMO_CONFIGS, "FasterRCNN-MobileNetV2-teacher.yaml"),
+    "dense": (os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2-teacher.yaml"), "retina_teacher"),
+    "two-stage": (os.path.join(DEMO_CONFIGS, "FasterRCNN-MobileNetV2-teacher.yaml"), "teacher"),
 }
 # Loss settings of each method (on top of DISTILL); published weights (see README, METHODS):
 # PKD 10 for one-stage pairs, 6 with an R-CNN teacher; FGD's RetinaNet recipe; PGD's ATSS-style
@@ -53,7 +60,7 @@ METHODS = {
 ROWS = ["baseline"] + [f"dense/{m}" for m in METHODS] + [
     f"two-stage/{m}" for m in ("PKD", "MSE", "FGD")
 ]
-QUICK_ROWS = ["baseline", "dense/PKD", "two-stage/PKD"]
+QUICK_ROWS = ["baseline", "two-stage/PKD", "two-stage/MSE"]  # need only the demo's teacher
 SETTINGS_NOTE = (
     "published loss weights; no inheriting (every row starts from the same ImageNet student); "
     "teachers trained once; evaluation on pkd_demo_test"
@@ -67,7 +74,7 @@ def row_overrides(row: str, teacher_weights: Dict[str, str]) -> List[str]:
     if isinstance(settings, dict):
         settings = settings[teacher]
     return [
-        "MODEL.DISTILL.TEACHER.CONFIG", TEACHERS[teacher],
+        "MODEL.DISTILL.TEACHER.CONFIG", TEACHERS[teacher][0],
         "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights[teacher],
         "MODEL.DISTILL.INHERIT", "False",
         *settings,
@@ -79,18 +86,19 @@ def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> List[Dict]:
     baseline on the seeds both have.
 
     Args:
-        results: {row: {seed: {"AP": .., "AP50": .., "AP75": ..}}}; must contain "baseline".
+        results: {row: {seed: {"AP": .., "AP50": .., "AP75": ..}}}; without "baseline", no gains.
     """
-    baseline = results["baseline"]
+    baseline = results.get("baseline", {})
     summary = []
-    for row, by_seed in results.items():
+    for row in sorted(results, key=lambda r: r != "baseline"):  # the baseline's row first
+        by_seed = results[row]
         seeds = sorted(by_seed)
         entry = {"row": row, "seeds": seeds}
         for metric in METRICS:
             values = [by_seed[s][metric] for s in seeds]
             entry[metric] = _stats(values)
-            if row != "baseline":
-                paired = [s for s in seeds if s in baseline]
+            paired = [s for s in seeds if s in baseline]
+            if row != "baseline" and paired:
                 gains = [by_seed[s][metric] - baseline[s][metric] for s in paired]
                 entry[f"gain_{metric}"] = _stats(gains)
         summary.append(entry)
@@ -122,25 +130,43 @@ def format_table(summary: Sequence[Dict]) -> str:
 
 
 def run_study(
-    rows: Sequence[str], seeds: Sequence[int], output: str, opts: Sequence[str] = ()
+    rows: Sequence[str], seeds: Sequence[int], output: str, teachers_root: str,
+    opts: Sequence[str] = (),
 ) -> Dict[str, Dict[int, Dict[str, float]]]:
-    """Trains (or finds) every (row, seed) and returns their box AP on DEMO_TEST."""
+    """Trains (or finds) every (row, seed), in the order of ``rows``, and returns their box AP on
+    DEMO_TEST; the teachers the rows need are trained (or found) first, under ``teachers_root``."""
     register_demo_datasets()
     test = ["DATASETS.TEST", f"('{DEMO_TEST}',)"]
     needed = {row.split("/")[0] for row in rows if row != "baseline"}
     teacher_weights = {
-        name: train_teacher(TEACHERS[name], os.path.join(output, "teachers", name))["weights"]
-        for name in TEACHERS if name in needed
+        name: train_teacher(config, os.path.join(teachers_root, folder))["weights"]
+        for name, (config, folder) in TEACHERS.items() if name in needed
     }
     results: Dict[str, Dict[int, Dict[str, float]]] = {}
     for row in rows:
         config = STUDENT if row == "baseline" else DISTILL
         extra = [] if row == "baseline" else row_overrides(row, teacher_weights)
         for seed in seeds:
-            out = os.path.join(output, row.replace("/", "_"), f"seed{seed}")
+            out = run_dir(output, row, seed)
             train_cached(config, out, [*extra, *test, "SEED", str(seed), *opts])
             results.setdefault(row, {})[seed] = box_ap(out)
     return results
+
+
+def run_dir(output: str, row: str, seed: int) -> str:
+    return os.path.join(output, row.replace("/", "_"), f"seed{seed}")
+
+
+def collect(rows: Sequence[str], seeds: Sequence[int], output: str):
+    """The box AP of every (row, seed) already trained under ``output``, training nothing: to
+    print the table of runs made by several study processes at once (each with its own --rows),
+    or again later. Exits naming the runs that have no results."""
+    missing = [run_dir(output, r, s) for r in rows for s in seeds
+               if not os.path.isfile(os.path.join(run_dir(output, r, s), RESULTS_FILE))]
+    if missing:
+        raise SystemExit("No results yet (run the study without --collect first) in:\n  "
+                         + "\n  ".join(missing))
+    return {row: {seed: box_ap(run_dir(output, row, seed)) for seed in seeds} for row in rows}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -149,7 +175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, of {ROWS}")
     parser.add_argument("--quick", action="store_true",
                         help=f"1 seed, rows {QUICK_ROWS}, 30 student iterations: a smoke test")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: the table of the runs already in --output")
     parser.add_argument("--output", default=os.path.join(REPO, "output", "accuracy"))
+    parser.add_argument("--teachers", default=os.path.join(REPO, "output", "demo"),
+                        help="where the teachers are trained (or found): `make demo`'s folder")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results",
                                                        "accuracy.json"))
     args = parser.parse_args(argv)
@@ -157,8 +187,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {ROWS}")
-    if "baseline" not in rows:
-        rows.insert(0, "baseline")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     opts: List[str] = []
     output = args.output
@@ -166,15 +194,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         rows, seeds, output = QUICK_ROWS, seeds[:1], os.path.join(output, "quick")
         opts = ["SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(20, 25)", "SOLVER.WARMUP_ITERS", "10"]
     start = time.perf_counter()
-    results = run_study(rows, seeds, output, opts)
+    if args.collect:
+        results = collect(rows, seeds, output)
+    else:
+        results = run_study(rows, seeds, output, args.teachers, opts)
     summary = summarize(results)
     table = format_table(summary)
     seconds = time.perf_counter() - start
     print(f"\nAccuracy study: box AP on {DEMO_TEST}, {len(seeds)} seed(s), {seconds:.0f} s\n{table}")
+    teachers = {
+        name: {m: box_ap(os.path.join(args.teachers, folder))[m] for m in METRICS}
+        for name, (_, folder) in TEACHERS.items()
+        if os.path.isfile(os.path.join(args.teachers, folder, RESULTS_FILE))
+    }
+    for name, ap in teachers.items():
+        print(f"teacher {name}: " + " ".join(f"{m} {v:.1f}" for m, v in ap.items()))
     print(f"({SETTINGS_NOTE})")
     report = {"command": " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])]),
               "seeds": seeds, "quick": args.quick, "settings": SETTINGS_NOTE,
-              "seconds": seconds, "rows": summary}
+              "seconds": seconds, "teachers": teachers, "rows": summary}
     if not args.quick:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:

@@ -420,3 +420,26 @@ def test_demo_lazy_twin_trains_on_the_yacs_schedule(path):
         if it < s.MAX_ITER:
             optimizer.step()
             yacs_scheduler.step()
+
+
+def test_demo_mobilenet_lazy_twin_is_the_yacs_student_and_teacher():
+    """What `make demo` trains, as LazyConfig: the same student (parameters, input), teacher and
+    PKD loss as PKD-RetinaNet-MobileNetV2.yaml."""
+    yacs = _load_yacs("Demo/PKD-RetinaNet-MobileNetV2.yaml")
+    lazy = _load_lazy("Demo/PKD-RetinaNet-MobileNetV2.py")
+    plain = _load_yacs("Demo/RetinaNet-MobileNetV2.yaml")
+    yacs_student = build_model(plain).state_dict()
+    lazy_student = instantiate(lazy.model.student).state_dict()
+    assert {k: tuple(v.shape) for k, v in lazy_student.items()} == {
+        k: tuple(v.shape) for k, v in yacs_student.items()
+    }
+    # the same ImageNet backbone weights on both sides
+    trunk = [k for k in yacs_student if k.startswith("backbone.bottom_up.")]
+    assert trunk and all(torch.equal(lazy_student[k], yacs_student[k]) for k in trunk)
+    assert lazy.dataloader.train.mapper.image_format == yacs.INPUT.FORMAT == "RGB"
+    assert list(lazy.model.student.pixel_std) == list(yacs.MODEL.PIXEL_STD)
+    assert lazy.dataloader.test.dataset.names == yacs.DATASETS.TEST[0]
+    assert lazy.model.teacher.config == yacs.MODEL.DISTILL.TEACHER.CONFIG
+    assert lazy.model.teacher.weights == yacs.MODEL.DISTILL.TEACHER.WEIGHTS
+    pkd = lazy.model.losses.PKD
+    assert (pkd.weight, pkd.resize_student) == (yacs.MODEL.DISTILL.PKD.WEIGHT, True)

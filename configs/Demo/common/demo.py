@@ -74,12 +74,18 @@ train.max_iter = MAX_ITER
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 100000
 
-# As the yacs configs: x0.1 at each of STEPS, linear warm-up. The scheduler sees training progress
-# (iteration / train.max_iter), so overriding train.max_iter scales the whole schedule.
-lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=list(STEPS), num_updates=MAX_ITER
-    ),
-    warmup_length=WARMUP_ITERS / MAX_ITER,
-    warmup_factor=0.001,
-)
+
+def lr_schedule(max_iter=MAX_ITER, steps=STEPS, warmup_iters=WARMUP_ITERS):
+    """As the yacs configs: x0.1 at each of ``steps``, linear warm-up over ``warmup_iters``. The
+    scheduler sees training progress (iteration / train.max_iter), so overriding train.max_iter
+    scales the whole schedule."""
+    return L(WarmupParamScheduler)(
+        scheduler=L(MultiStepParamScheduler)(
+            values=[1.0, 0.1, 0.01], milestones=list(steps), num_updates=max_iter
+        ),
+        warmup_length=warmup_iters / max_iter,
+        warmup_factor=0.001,
+    )
+
+
+lr_multiplier = lr_schedule()

@@ -37,7 +37,7 @@ from .checkpoint import DistillCheckpointer
 from .cpu_memory import retain_freed_cpu_memory
 from .meta_arch import DistillMetaArch, student_config
 from .solver import build_optimizer
-from .run_config import device, is_lazy, load_config, output_dir
+from .run_config import device, init_weights, is_lazy, load_config, output_dir
 from .train_loader import build_resumable_lazy_train_loader, build_resumable_train_loader
 
 __all__ = [
@@ -279,9 +279,8 @@ def main(args) -> Dict:
         retain_freed_cpu_memory()
     if args.eval_only:
         model = build_student_for_eval(cfg)
-        weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
         DistillCheckpointer(model, save_dir=out).resume_or_load(
-            weights, resume=args.resume
+            init_weights(cfg), resume=args.resume
         )
         results = lazy_test(cfg, model) if lazy else Trainer.test(cfg, model)
     elif lazy:

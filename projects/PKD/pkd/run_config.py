@@ -101,6 +101,12 @@ def seed(cfg) -> Optional[int]:
     return None if value is None or value < 0 else int(value)
 
 
+def init_weights(cfg) -> str:
+    """The checkpoint training initialises the student from (yacs ``MODEL.WEIGHTS``, LazyConfig
+    ``train.init_checkpoint``); "" for none."""
+    return (cfg.train.get("init_checkpoint", "") if is_lazy(cfg) else cfg.MODEL.WEIGHTS) or ""
+
+
 def test_dataset(cfg) -> Optional[str]:
     """The config's first test set, or None."""
     if not is_lazy(cfg):

@@ -28,10 +28,11 @@ from detectron2.engine import default_argument_parser
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
+from ..checkpoint import DistillCheckpointer
 from ..losses import channel_pearson
 from ..meta_arch import DistillMetaArch
-from ..run_config import load_config, output_dir, seed
-from .run_config import build_distiller, teacher_test_mapper, test_dataset, train_batches
+from ..run_config import init_weights, load_config, output_dir, seed
+from .inputs import build_distiller, teacher_test_mapper, test_dataset, train_batches
 from .teacher_check import (
     MIN_TEACHER_AP,
     blind_teacher_message,
@@ -238,6 +239,9 @@ def check_distill(cfg, num_images: int = 8, num_batches: int = 2) -> Dict:
     findings = Findings()
     seed_all_rng(seed(cfg))  # as default_setup does before training: the same initialisation
     model = build_distiller(cfg)
+    student_weights = init_weights(cfg)
+    if student_weights:  # as the trainer loads it before the first iteration
+        DistillCheckpointer(model.student).load(student_weights, checkpointables=[])
     teacher = check_teacher_ap(cfg, model, num_images, findings)
     training = inspect_training_batches(model, train_batches(cfg, num_batches))
     judge_gradients(model, training, findings)
@@ -250,6 +254,7 @@ def check_distill(cfg, num_images: int = 8, num_batches: int = 2) -> Dict:
         "detection": training["detection"],
         "loss_terms": training["terms"],
         "num_batches": num_batches,
+        "student_weights": student_weights,
         "schedule": {"warmup_iters": model.warmup_iters, "stop_iter": model.stop_iter},
     }
 
@@ -278,7 +283,8 @@ def format_report(report: Dict) -> str:
             tablefmt="pipe",
         ),
         "",
-        f"== Feature pairs at initialisation (mean over {report['num_batches']} training batches)",
+        f"== Feature pairs at initialisation (mean over {report['num_batches']} training batches; "
+        f"student weights: {report['student_weights'] or 'its own initialisation'})",
         tabulate(
             [
                 [f"{s} <- {p['teacher_level']}", f"{p['student_stride']} / {p['teacher_stride']}",

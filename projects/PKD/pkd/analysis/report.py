@@ -46,7 +46,7 @@ from .feature_vis import (
     render_pcc_histograms,
 )
 from ..run_config import load_config
-from .run_config import build_distiller, test_dataset
+from .inputs import build_distiller, test_dataset
 
 __all__ = ["read_metrics", "write_report", "main", "REPORT_NAME"]
 
