@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_time import environment, write_json  # noqa: E402  (the benchmarks' shared helpers)
 
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "Demo", "PKD-RetinaNet-R18.yaml")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "Demo", "PKD-RetinaNet-MobileNetV2.yaml")
 DEFAULT_WEIGHTS = os.path.join(REPO, "output", "demo", "student_pkd", "model_final.pth")
 KINDS = ("pytorch", "torchscript", "onnxruntime")
 

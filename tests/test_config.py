@@ -21,7 +21,7 @@ from pkd.engine import Trainer, setup
 from pkd.meta_arch import DistillMetaArch
 from pkd.teacher import resolve_teacher_config
 
-from pkd_testing import CONFIGS, REPO, TEACHER_YAML
+from pkd_testing import CONFIGS, REPO
 from test_configs import ALL_CONFIGS, tiny_yacs_opts
 
 YAML_CONFIGS = [c for c in ALL_CONFIGS if c.endswith(".yaml")]
@@ -215,7 +215,7 @@ def test_readme_own_script_snippet(tmp_path, monkeypatch):
     model = namespace["model"]
     assert isinstance(model, DistillMetaArch)
     assert type(model.student).__name__ == cfg.MODEL.DISTILL.STUDENT_ARCH
-    assert model.teacher.config == TEACHER_YAML
+    assert model.teacher.config == resolve_teacher_config(cfg.MODEL.DISTILL.TEACHER.CONFIG)
     assert list(model.distill_losses) == list(cfg.MODEL.DISTILL.LOSSES)
     loaded = model.teacher.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in teacher_state.items())

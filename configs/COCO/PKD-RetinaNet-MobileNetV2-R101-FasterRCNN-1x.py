@@ -7,33 +7,16 @@ RetinaNet LazyConfig with torchvision's ImageNet MobileNetV2 as the bottom-up ne
       --num-gpus 8
 """
 from detectron2.config import LazyCall as L
-from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
 from pkd.losses import PKDLoss
-from pkd.modeling.torchvision_backbone import (
-    IMAGENET_PIXEL_MEAN,
-    IMAGENET_PIXEL_STD,
-    TorchvisionBackbone,
-)
 
+from ..common.torchvision import torchvision_dense_student
 from .common.recipe import dataloader, distill, lr_schedule, optimizer, train, zoo_student
 
-student = zoo_student("RetinaNet")
-student.backbone.bottom_up = L(TorchvisionBackbone)(
-    name="mobilenet_v2",
-    # torchvision's mobilenet_v2-b0353104.pth; tools/setup_env.sh installs it for offline use.
-    weights="MobileNet_V2_Weights.IMAGENET1K_V1",
-    out_features=["res3", "res4", "res5"],
-    norm="FrozenBN",
-    freeze_at=2,
+# torchvision's mobilenet_v2-b0353104.pth; tools/setup_env.sh installs it for offline use.
+student = torchvision_dense_student(
+    zoo_student("RetinaNet"), dataloader, "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1"
 )
-student.backbone.top_block = L(LastLevelP6P7)(
-    in_channels="${..out_channels}", out_channels="${..out_channels}", in_feature="p5"
-)
-student.pixel_mean = list(IMAGENET_PIXEL_MEAN)
-student.pixel_std = list(IMAGENET_PIXEL_STD)
-student.input_format = "RGB"
-dataloader.train.mapper.image_format = "RGB"
 
 model = distill(
     student,
