@@ -35,6 +35,10 @@ from pkd.data import DEMO_TEST, register_demo_datasets
 from pkd.demo import DEMO_CONFIGS, REPO, RESULTS_FILE, box_ap, train_cached, train_teacher
 
 METRICS = ("AP", "AP50", "AP75")
+# At the end of training (metrics.json's last record: medians over the last 20 iterations): the
+# student's own RetinaNet losses, and the sum of the weighted distillation terms.
+LOSSES = ("det_loss", "kd_loss")
+DETECTION_LOSSES = ("loss_cls", "loss_box_reg")
 STUDENT = os.path.join(DEMO_CONFIGS, "RetinaNet-MobileNetV2.yaml")
 DISTILL = os.path.join(DEMO_CONFIGS, "PKD-RetinaNet-MobileNetV2.yaml")
 # name: (config, folder under --teachers); the folders `make demo` trains the same configs into,
@@ -94,6 +98,9 @@ def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> List[Dict]:
         by_seed = results[row]
         seeds = sorted(by_seed)
         entry = {"row": row, "seeds": seeds}
+        for metric in LOSSES:
+            if all(metric in by_seed[s] for s in seeds):
+                entry[metric] = _stats([by_seed[s][metric] for s in seeds])
         for metric in METRICS:
             values = [by_seed[s][metric] for s in seeds]
             entry[metric] = _stats(values)
@@ -115,16 +122,18 @@ def _stats(values: Sequence[float]) -> Dict:
 
 def format_table(summary: Sequence[Dict]) -> str:
     lines = [
-        f"{'row':<18} {'seeds':>5} {'AP':>12} {'AP50':>12} {'AP75':>12} {'gain AP (paired)':>18}",
-        "-" * 82,
+        f"{'row':<18} {'seeds':>5} {'AP':>12} {'AP50':>12} {'AP75':>12} {'gain AP (paired)':>18}"
+        f" {'det loss':>9} {'KD loss':>8}",
+        "-" * 100,
     ]
     for entry in summary:
         cells = [f"{entry[m]['mean']:6.1f} ± {entry[m]['std']:3.1f}" for m in METRICS]
         gain = entry.get("gain_AP")
         gain_text = f"{gain['mean']:+6.1f} ± {gain['std']:3.1f}" if gain else "-"
+        losses = [f"{entry[m]['mean']:.3f}" if m in entry else "-" for m in LOSSES]
         lines.append(
             f"{entry['row']:<18} {len(entry['seeds']):>5} {cells[0]:>12} {cells[1]:>12} "
-            f"{cells[2]:>12} {gain_text:>18}"
+            f"{cells[2]:>12} {gain_text:>18} {losses[0]:>9} {losses[1]:>8}"
         )
     return "\n".join(lines).replace("± nan", "     ")
 
@@ -149,8 +158,23 @@ def run_study(
         for seed in seeds:
             out = run_dir(output, row, seed)
             train_cached(config, out, [*extra, *test, "SEED", str(seed), *opts])
-            results.setdefault(row, {})[seed] = box_ap(out)
+            results.setdefault(row, {})[seed] = run_results(out)
     return results
+
+
+def run_results(run: str) -> Dict[str, float]:
+    """A finished run's box AP (METRICS) and, from its metrics.json, its final LOSSES."""
+    last: Dict[str, float] = {}
+    with open(os.path.join(run, "metrics.json")) as f:
+        for line in f:
+            record = json.loads(line)
+            if DETECTION_LOSSES[0] in record:
+                last = record
+    kd_terms = [v for k, v in last.items()
+                if k.startswith("loss_") and k not in DETECTION_LOSSES and k != "loss_kd_idle"]
+    return {**{m: v for m, v in box_ap(run).items() if m in METRICS},
+            "det_loss": sum(last[k] for k in DETECTION_LOSSES),
+            "kd_loss": sum(kd_terms)}
 
 
 def run_dir(output: str, row: str, seed: int) -> str:
@@ -166,7 +190,7 @@ def collect(rows: Sequence[str], seeds: Sequence[int], output: str):
     if missing:
         raise SystemExit("No results yet (run the study without --collect first) in:\n  "
                          + "\n  ".join(missing))
-    return {row: {seed: box_ap(run_dir(output, row, seed)) for seed in seeds} for row in rows}
+    return {row: {seed: run_results(run_dir(output, row, seed)) for seed in seeds} for row in rows}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

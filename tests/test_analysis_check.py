@@ -82,6 +82,16 @@ def test_over_weighted_loss_warns_with_the_weight_for_parity(squares_teacher, tm
         assert f"PKD weight 6000 -> {t['parity_weight']:.3g}" in warning
 
 
+def test_the_student_starts_from_model_weights_as_training_does(squares_teacher, tmp_path):
+    # the squares teacher is the student's own architecture: a student initialised from its
+    # checkpoint has the teacher's very feature maps
+    weights, _ = squares_teacher
+    code, report = run_check(tmp_path, yacs_file(tmp_path, weights, ["MODEL.WEIGHTS", weights]))
+    assert code == 0 and report["student_weights"] == weights
+    assert all(p["pcc"] == pytest.approx(1.0, abs=1e-4) for p in report["feature_pairs"].values())
+    assert all(t["value"] == pytest.approx(0.0, abs=1e-3) for t in report["loss_terms"].values())
+
+
 def test_lazy_config_saved_by_detectron2(squares_teacher, tmp_path):
     path = tmp_path / "lazy.yaml"  # what default_setup writes for a LazyConfig run
     LazyConfig.save(lazy_squares_distill_cfg(squares_teacher[0], tmp_path), str(path))

@@ -59,11 +59,20 @@ def test_without_the_baseline_there_are_no_gains():
     assert summary[0]["AP"]["mean"] == 12.0
 
 
-def test_collect_names_the_runs_without_results(tmp_path):
-    done = accuracy.run_dir(str(tmp_path), "baseline", 0)
+def test_collect_reads_ap_and_the_final_losses_and_names_the_runs_without_results(tmp_path):
+    done = accuracy.run_dir(str(tmp_path), "dense/PKD", 0)
     os.makedirs(done)
     with open(os.path.join(done, accuracy.RESULTS_FILE), "w") as f:
-        f.write('{"bbox": {"AP": 10.0, "AP50": 20.0, "AP75": 5.0}}')
-    assert accuracy.collect(["baseline"], [0], str(tmp_path))["baseline"][0]["AP"] == 10.0
-    with pytest.raises(SystemExit, match="dense_PKD/seed0"):
-        accuracy.collect(["baseline", "dense/PKD"], [0], str(tmp_path))
+        f.write('{"bbox": {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": 1.0}}')
+    with open(os.path.join(done, "metrics.json"), "w") as f:  # as Detectron2's JSONWriter
+        f.write('{"iteration": 19, "loss_cls": 0.5, "loss_box_reg": 0.25, "loss_pkd_p3": 3.0}\n')
+        f.write('{"iteration": 39, "loss_cls": 0.25, "loss_box_reg": 0.125, "loss_pkd_p3": 1.0,'
+                ' "loss_pkd_p4": 0.5, "loss_kd_idle": 0.0, "kd/pcc_p3": 0.8}\n')
+        f.write('{"iteration": 40}\n')
+    results = accuracy.collect(["dense/PKD"], [0], str(tmp_path))["dense/PKD"][0]
+    assert results == {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "det_loss": 0.375, "kd_loss": 1.5}
+    summary = accuracy.summarize({"dense/PKD": {0: results}})
+    assert summary[0]["kd_loss"]["mean"] == 1.5
+    assert "0.375" in accuracy.format_table(summary)
+    with pytest.raises(SystemExit, match="baseline/seed0"):
+        accuracy.collect(["dense/PKD", "baseline"], [0], str(tmp_path))
