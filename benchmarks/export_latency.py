@@ -37,7 +37,7 @@ from pkd.export import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_time import environment, write_json  # noqa: E402  (the benchmarks' shared helpers)
+from common import environment, publish  # noqa: E402  (the benchmarks' shared helpers)
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Demo", "PKD-RetinaNet-MobileNetV2.yaml")
 DEFAULT_WEIGHTS = os.path.join(REPO, "output", "demo", "student_pkd", "model_final.pth")
@@ -129,9 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                    "onnxruntime": agreement["onnx"]},
         "environment": environment(),
     }
-    print(format_report(result))
-    write_json(args.json, result)
-    print(f"(written to {os.path.relpath(args.json, REPO)})")
+    publish(format_report(result), result, args.json)
     return result
 
 
