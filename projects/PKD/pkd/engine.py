@@ -259,7 +259,7 @@ def lazy_train(args, cfg) -> Dict:
         return results
 
     trainer.register_hooks(_lazy_hooks(cfg, checkpointer, evaluate))
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    checkpointer.resume_or_load(init_weights(cfg), resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     train_loader.start_at(start_iter)
     trainer.train(start_iter, cfg.train.max_iter)
