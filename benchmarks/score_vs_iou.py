@@ -21,7 +21,6 @@ Each RUN is a finished run of a RetinaNet/FCOS student, plain or distilled, yacs
 alone, the teacher is not built).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -71,7 +70,7 @@ def gt_statistics(scores: Tensor, ious: Tensor) -> Optional[Dict[str, float]]:
 
 
 def _student(run_dir: str):
-    """The run's student (alone) with its final weights, and its config."""
+    """(the run's StudentConfig, its student alone with the final weights)."""
     student = load_student(os.path.join(run_dir, "config.yaml"))
     model = student.build_model()
     load_student_weights(model, os.path.join(run_dir, "model_final.pth"))
@@ -124,7 +123,7 @@ def format_table(rows: Sequence[Dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="finished yacs run directories")
+    parser.add_argument("runs", nargs="+", help="finished run directories")
     parser.add_argument("--dataset", default=None, help="default: each run's test set")
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "results",

@@ -18,7 +18,9 @@ accuracy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(accuracy)
 
 
-@pytest.mark.parametrize("row", [r for r in accuracy.ROWS + accuracy.DIAGNOSTIC_ROWS if r != "baseline"])
+@pytest.mark.parametrize(
+    "row", [r for r in accuracy.ROWS + accuracy.DIAGNOSTIC_ROWS if r != "baseline"]
+)
 def test_every_row_builds_its_method_without_inheriting(row):
     """Each row's distiller passes the construction checks (pairs, grids, anchors) with its
     teacher; the teachers keep random weights here."""

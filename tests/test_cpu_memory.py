@@ -35,8 +35,8 @@ def run_probe(**env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     clean.pop(OPT_OUT_ENV, None)
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE % ROUNDS], env={**clean, **env}, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-c", PROBE % ROUNDS], env={**clean, **env}, capture_output=True,
+        text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
